@@ -1,0 +1,33 @@
+# Set-up and entry points. Both targets create the virtual environment on first use.
+#   make run DATA=<taco folder> OUT=<output folder> [TASK=binary:Bottle]
+#   make test
+PYTHON ?= python3
+VENV ?= .venv
+# cpu installs tensorflow-cpu; use EXTRAS=gpu for tensorflow[and-cuda].
+EXTRAS ?= cpu
+DATA ?= data/taco
+OUT ?= out
+TASK ?= binary:Bottle
+RUN_ARGS ?=
+PYTEST_ARGS ?=
+
+STAMP := $(VENV)/.raywaste-installed-$(EXTRAS)
+
+.PHONY: venv run test clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet -e ".[$(EXTRAS),test]"
+	touch $@
+
+run: $(STAMP)
+	$(VENV)/bin/raywaste run "$(DATA)" "$(OUT)" --task "$(TASK)" $(RUN_ARGS)
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

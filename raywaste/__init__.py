@@ -1,0 +1,19 @@
+"""raywaste: TACO litter photos to a tuned Keras classifier, with Ray Data and Ray Tune.
+
+The stages are importable functions that return result objects, so a driver
+script can chain them::
+
+    import raywaste
+
+    data = raywaste.preprocess("taco/", "out/", task="binary:Bottle")
+    tuned = raywaste.tune("out/", num_samples=8)
+    metrics = raywaste.evaluate("out/")
+
+Heavy dependencies (Ray, TensorFlow) load on first use, not at import.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__"]

@@ -1,0 +1,3 @@
+from raywaste.cli import main
+
+main()
