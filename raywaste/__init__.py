@@ -9,11 +9,13 @@ script can chain them::
     tuned = raywaste.tune("out/", num_samples=8)
     metrics = raywaste.evaluate("out/")
 
-Heavy dependencies (Ray, TensorFlow) load on first use, not at import.
+Ray and TensorFlow load on first use, not at import.
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+from raywaste.api import RunResult, evaluate, preprocess, run, tune  # noqa: E402
+
+__all__ = ["RunResult", "__version__", "evaluate", "preprocess", "run", "tune"]

@@ -1,26 +1,223 @@
-"""The ``raywaste`` command line: one subcommand per pipeline stage.
+"""The ``raywaste`` command line: one subcommand per pipeline stage, and ``run`` for all three.
 
-Imports of Ray and TensorFlow happen inside the commands, so ``--help`` stays fast.
+Ray and TensorFlow load inside the commands, so ``--help`` stays fast.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
 
 import click
 
 from raywaste import __version__
+from raywaste.images import COLOR_MODES, SQUARE_MODES, ImageSettings
+from raywaste.preprocessing import PreprocessSettings, RunOptions
+from raywaste.splits import SplitError, SplitFractions
+from raywaste.tasks import DEFAULT_TASK
+from raywaste.tuning import TuneSettings
+
+_IMAGE = ImageSettings()
+_PREPROCESS = PreprocessSettings()
+_OPTIONS = RunOptions()
+_TUNE = TuneSettings()
 
 
 def _configure_logging(verbose: int) -> None:
-    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose == 1 else logging.WARNING
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
-    logging.getLogger("raywaste").setLevel(min(level, logging.INFO))
+    logging.getLogger("raywaste").setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _options(*decorators: Callable) -> Callable:
+    """Apply a group of click options in the order they are listed in ``--help``."""
+
+    def apply(function: Callable) -> Callable:
+        for decorator in reversed(decorators):
+            function = decorator(function)
+        return function
+
+    return apply
+
+
+def _parse_fractions(context, parameter, value: str) -> SplitFractions:
+    try:
+        return SplitFractions.parse(value)
+    except SplitError as error:
+        raise click.BadParameter(str(error)) from None
+
+
+_address_option = click.option(
+    "--address", envvar="RAY_ADDRESS", default=None, metavar="HOST:PORT",
+    help="Ray cluster to join (default: $RAY_ADDRESS; without either, a local Ray starts in-process).",
+)
+_num_cpus_option = click.option(
+    "--num-cpus", type=click.IntRange(min=1), default=None,
+    help="CPUs for a local Ray (default: all of this machine). Ignored with --address.",
+)
+_overwrite_option = click.option("--overwrite", is_flag=True, help="Replace existing results in OUT instead of stopping.")
+
+_preprocess_options = _options(
+    click.option("--annotations", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                 help="annotations.json to use (default: TACO_DIR/annotations.json)."),
+    click.option("--task", default=DEFAULT_TASK, show_default=True,
+                 help="binary:<supercategory>, supercategory, category, or map:<csv> (a TACO class map)."),
+    click.option("--image-size", type=click.IntRange(8, 4096), default=_IMAGE.size, show_default=True,
+                 help="Side of the square output images, in pixels."),
+    click.option("--color-mode", type=click.Choice(COLOR_MODES), default=_IMAGE.color_mode, show_default=True),
+    click.option("--square", type=click.Choice(SQUARE_MODES), default=_IMAGE.square, show_default=True,
+                 help="How a box becomes square: stretch it, pad it, fill with the photo around it (context), or crop it."),
+    click.option("--padding", type=click.FloatRange(0, 2), default=_IMAGE.padding, show_default=True,
+                 help="Margin around each box, as a fraction of its width and height."),
+    click.option("--min-box-size", type=click.FloatRange(min=0), default=_IMAGE.min_box_size, show_default=True,
+                 help="Skip boxes whose shorter side is below this many annotated pixels."),
+    click.option("--split", "fractions", default="0.8,0.1,0.1", show_default=True, callback=_parse_fractions,
+                 help="Train, validation and test fractions of the images."),
+    click.option("--min-class-examples", type=click.IntRange(min=0), default=_PREPROCESS.min_class_examples, show_default=True,
+                 help="Crop tasks: merge classes with fewer examples into 'Other' (0: never)."),
+    click.option("--max-error-fraction", type=click.FloatRange(0, 1), default=_OPTIONS.max_error_fraction, show_default=True,
+                 help="Fail when more than this fraction of examples cannot be read."),
+    click.option("--photos-per-task", type=click.IntRange(min=1), default=_OPTIONS.photos_per_task, show_default=True,
+                 help="Photos decoded by one Ray task."),
+)
+
+_tune_options = _options(
+    click.option("--num-samples", type=click.IntRange(min=1), default=_TUNE.num_samples, show_default=True,
+                 help="Number of trials."),
+    click.option("--max-epochs", type=click.IntRange(min=1), default=_TUNE.max_epochs, show_default=True,
+                 help="Epochs of a trial that ASHA does not stop early."),
+    click.option("--grace-period", type=click.IntRange(min=1), default=_TUNE.grace_period, show_default=True,
+                 help="Epochs every trial runs before ASHA may stop it."),
+    click.option("--cpus-per-trial", type=click.FloatRange(min=0, min_open=True), default=_TUNE.cpus_per_trial, show_default=True),
+    click.option("--gpus-per-trial", type=click.FloatRange(min=0), default=_TUNE.gpus_per_trial, show_default=True),
+    click.option("--batch-size", type=click.IntRange(min=1), default=_TUNE.batch_size, show_default=True),
+    click.option("--class-weight", type=click.Choice(["balanced", "none"]), default=_TUNE.class_weight, show_default=True,
+                 help="Weight the loss so every class counts the same, or not at all."),
+)
+
+
+def _handle_errors(function: Callable) -> Callable:
+    """Turn the pipeline's expected errors into a one-line message and exit status 1."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        from raywaste.annotations import AnnotationsError
+        from raywaste.dataset import DatasetError
+        from raywaste.evaluation import EvaluationError
+        from raywaste.preprocessing import PreprocessError
+        from raywaste.tasks import TaskError
+        from raywaste.tuning import TuningError
+
+        try:
+            return function(*args, **kwargs)
+        except (AnnotationsError, DatasetError, EvaluationError, PreprocessError, TaskError, TuningError, SplitError) as error:
+            raise click.ClickException(str(error)) from None
+
+    return wrapper
+
+
+def _preprocess_settings(task, image_size, color_mode, square, padding, min_box_size, fractions, min_class_examples, seed):
+    try:
+        image = ImageSettings(size=image_size, color_mode=color_mode, square=square, padding=padding, min_box_size=min_box_size)
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
+    return PreprocessSettings(task=task, image=image, fractions=fractions, seed=seed, min_class_examples=min_class_examples)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="raywaste")
-@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("-v", "--verbose", count=True, help="Debug log output (-vv).")
 def main(verbose: int) -> None:
     """Turn the TACO litter dataset into a tuned waste classifier with Ray."""
     _configure_logging(verbose)
+
+
+@main.command()
+@click.argument("taco_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@_preprocess_options
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split assignment.")
+@_overwrite_option
+@_address_option
+@_num_cpus_option
+@_handle_errors
+def preprocess(taco_dir, out, annotations, task, image_size, color_mode, square, padding, min_box_size, fractions,
+               min_class_examples, max_error_fraction, photos_per_task, seed, overwrite, address, num_cpus):
+    """Decode TACO photos in TACO_DIR into Parquet splits under OUT/data."""
+    from raywaste.preprocessing import preprocess as run_preprocess
+    from raywaste.runtime import ray_session
+
+    settings = _preprocess_settings(task, image_size, color_mode, square, padding, min_box_size, fractions, min_class_examples, seed)
+    options = RunOptions(photos_per_task=photos_per_task, max_error_fraction=max_error_fraction, overwrite=overwrite)
+    with ray_session(address, num_cpus):
+        result = run_preprocess(taco_dir, out, settings, annotations=annotations, options=options)
+    click.echo(f"dataset in {result.data_dir}: " + ", ".join(f"{split} {count}" for split, count in result.info.counts.items()))
+
+
+@main.command()
+@click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@_tune_options
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the search and of weight initialization.")
+@_overwrite_option
+@_address_option
+@_num_cpus_option
+@_handle_errors
+def tune(out, num_samples, max_epochs, grace_period, cpus_per_trial, gpus_per_trial, batch_size, class_weight,
+         seed, overwrite, address, num_cpus):
+    """Tune CNN trials on OUT/data with Ray Tune and ASHA; save OUT/best_model.keras."""
+    from raywaste.runtime import ray_session
+    from raywaste.tuning import tune as run_tune
+
+    settings = TuneSettings(num_samples=num_samples, max_epochs=max_epochs, grace_period=grace_period,
+                            cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, batch_size=batch_size,
+                            class_weight=class_weight, seed=seed)
+    with ray_session(address, num_cpus):
+        run_tune(out, settings, overwrite=overwrite)
+
+
+@main.command()
+@click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--model", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Model to evaluate (default: OUT/best_model.keras).")
+@_handle_errors
+def evaluate(out, model):
+    """Score the best model on the test split; write OUT/metrics.json and the confusion matrix."""
+    from raywaste.evaluation import evaluate as run_evaluate
+
+    run_evaluate(out, model_path=model)
+
+
+@main.command()
+@click.argument("taco_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@_preprocess_options
+@_tune_options
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the splits, the search and the weights.")
+@_overwrite_option
+@_address_option
+@_num_cpus_option
+@_handle_errors
+def run(taco_dir, out, annotations, task, image_size, color_mode, square, padding, min_box_size, fractions,
+        min_class_examples, max_error_fraction, photos_per_task, num_samples, max_epochs, grace_period, cpus_per_trial,
+        gpus_per_trial, batch_size, class_weight, seed, overwrite, address, num_cpus):
+    """Preprocess TACO_DIR, tune, and evaluate on the test split, all into OUT."""
+    from raywaste.evaluation import evaluate as run_evaluate
+    from raywaste.preprocessing import preprocess as run_preprocess
+    from raywaste.runtime import ray_session
+    from raywaste.tuning import tune as run_tune
+
+    settings = _preprocess_settings(task, image_size, color_mode, square, padding, min_box_size, fractions, min_class_examples, seed)
+    options = RunOptions(photos_per_task=photos_per_task, max_error_fraction=max_error_fraction, overwrite=overwrite)
+    tune_settings = TuneSettings(num_samples=num_samples, max_epochs=max_epochs, grace_period=grace_period,
+                                 cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, batch_size=batch_size,
+                                 class_weight=class_weight, seed=seed)
+    with ray_session(address, num_cpus):
+        run_preprocess(taco_dir, out, settings, annotations=annotations, options=options)
+        run_tune(out, tune_settings, overwrite=overwrite)
+    run_evaluate(out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

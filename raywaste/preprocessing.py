@@ -1,0 +1,453 @@
+"""Preprocessing stage: TACO photos to Parquet with Ray Data.
+
+1. Load and validate ``annotations.json``, build the task's examples, assign splits.
+2. Group the examples by photo, and the photos into small tasks of one split each.
+3. Ray Data runs :func:`raywaste.images.read_examples` on every photo (one decode per
+   photo) and writes Parquet into a staging folder beside the output.
+4. The staged files are checked, sorted into ``train/``, ``val/`` and ``test/``, and the
+   folder is moved into place with ``dataset.json``, ``manifest.json``, the split summary
+   and ``errors.jsonl`` only when everything is complete.
+
+What this stage leaves for the next: ``OUT/data`` as described in :mod:`raywaste.dataset`.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections import Counter
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from raywaste import __version__
+from raywaste.annotations import load_annotations
+from raywaste.dataset import (
+    DATASET_FILE,
+    ERRORS_FILE,
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    SCHEMA,
+    SUMMARY_FILE,
+    DatasetInfo,
+    load_dataset_info,
+)
+from raywaste.images import ImageSettings, read_examples
+from raywaste.splits import SPLITS, SplitFractions, assign_splits, format_summary, split_summary
+from raywaste.tasks import DEFAULT_TASK, TaskExamples, build_examples
+
+log = logging.getLogger(__name__)
+
+# Reasons that drop an example on purpose; they are reported but do not count as errors.
+SKIP_REASONS = frozenset({"box_too_small"})
+_STAGED_ERRORS = "_errors"
+
+
+class PreprocessError(RuntimeError):
+    """Preprocessing could not produce a usable dataset."""
+
+
+@dataclass(frozen=True)
+class PreprocessSettings:
+    """Everything that decides the content of the dataset. Stored in ``dataset.json``."""
+
+    task: str = DEFAULT_TASK
+    image: ImageSettings = field(default_factory=ImageSettings)
+    fractions: SplitFractions = field(default_factory=SplitFractions)
+    seed: int = 0
+    min_class_examples: int = 0
+    """Crop tasks: classes with fewer examples than this merge into "Other" (0: never)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "task": self.task,
+            "image": asdict(self.image),
+            "split_fractions": dict(zip(SPLITS, self.fractions.as_tuple())),
+            "seed": self.seed,
+            "min_class_examples": self.min_class_examples,
+        }
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How the run behaves; none of these change the dataset's content."""
+
+    photos_per_task: int = 8
+    """Photos per Ray task: small enough to spread over many workers, large enough to amortize task overhead."""
+    max_error_fraction: float = 0.05
+    """Fail the run when more than this fraction of examples could not be made."""
+    overwrite: bool = False
+
+
+@dataclass
+class PreprocessResult:
+    """What :func:`preprocess` produced."""
+
+    data_dir: Path
+    info: DatasetInfo
+    error_count: int
+    skipped_count: int
+    reused: bool
+    """True when an existing dataset with the same inputs and settings was kept."""
+
+
+def preprocess(
+    taco_dir: str | Path,
+    out_dir: str | Path,
+    settings: PreprocessSettings | None = None,
+    annotations: str | Path | None = None,
+    options: RunOptions | None = None,
+) -> PreprocessResult:
+    """Build ``OUT/data`` from the photos in ``taco_dir``; Ray must be initialized (see :mod:`raywaste.runtime`)."""
+    settings = settings or PreprocessSettings()
+    options = options or RunOptions()
+    taco_dir = Path(taco_dir).resolve()
+    annotations_path = Path(annotations).resolve() if annotations else taco_dir / "annotations.json"
+    data_dir = Path(out_dir).resolve() / "data"
+
+    annotations_sha256 = _sha256(annotations_path) if annotations_path.is_file() else None
+    fingerprint = {"settings": settings.to_dict(), "annotations_sha256": annotations_sha256}
+    reused = _check_existing(data_dir, fingerprint, options.overwrite)
+    if reused is not None:
+        return reused
+
+    # 1. Annotations, task, splits.
+    taco = load_annotations(annotations_path)
+    task = build_examples(taco, settings.task, settings.min_class_examples)
+    split_of = assign_splits(task.examples, settings.fractions, settings.seed)
+    log.info("task %s: %d examples from %d images in %d classes",
+             task.task, len(task.examples), len(split_of), len(task.class_names))
+
+    # 2. Work units: photos grouped by split, in (split, image id) order.
+    groups = _task_groups(taco, task, split_of, options.photos_per_task)
+
+    # 3. Ray Data decodes and writes into a staging folder beside the output.
+    staging = data_dir.parent / f".data-staging-{uuid.uuid4().hex[:8]}"
+    staging.mkdir(parents=True)
+    try:
+        started = time.monotonic()
+        _run_ray_pipeline(groups, taco_dir, settings.image, staging)
+        log.info("decoded %d photos in %.1f s", sum(len(g["photos"]) for g in groups), time.monotonic() - started)
+
+        # 4. Check, sort, describe, and move into place.
+        files = _arrange_staged_files(staging)
+        errors = _collect_errors(staging)
+        result = _finish(staging, data_dir, files, errors, task, settings, fingerprint, annotations_path, taco_dir, options)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return result
+
+
+def _check_existing(data_dir: Path, fingerprint: dict, overwrite: bool) -> PreprocessResult | None:
+    manifest_path = data_dir / MANIFEST_FILE
+    if not data_dir.exists():
+        return None
+    if overwrite:
+        return None
+    if not manifest_path.is_file():
+        raise PreprocessError(f"{data_dir} exists but has no {MANIFEST_FILE}; remove it or pass --overwrite")
+    manifest = json.loads(manifest_path.read_text())
+    previous = {"settings": manifest.get("settings"), "annotations_sha256": manifest.get("annotations_sha256")}
+    if previous != fingerprint:
+        changed = sorted(key for key in fingerprint["settings"] if fingerprint["settings"][key] != (previous["settings"] or {}).get(key))
+        if previous["annotations_sha256"] != fingerprint["annotations_sha256"]:
+            changed.append("annotations")
+        raise PreprocessError(
+            f"{data_dir} holds a dataset made with different inputs or settings (changed: {', '.join(changed) or 'unknown'}); "
+            "pass --overwrite to replace it, or choose another output folder"
+        )
+    missing = [name for name in manifest.get("files", {}) if not (data_dir / name).is_file()]
+    if missing:
+        raise PreprocessError(f"{data_dir} is incomplete ({len(missing)} file(s) missing, e.g. {missing[0]}); pass --overwrite to rebuild it")
+    info = load_dataset_info(data_dir)
+    log.warning("%s is up to date with these inputs and settings; nothing to do", data_dir)
+    errors = info.raw.get("errors", {})
+    return PreprocessResult(data_dir, info, errors.get("failed", 0), errors.get("skipped", 0), reused=True)
+
+
+def _task_groups(taco, task: TaskExamples, split_of: dict[int, str], photos_per_task: int) -> list[dict[str, Any]]:
+    by_image: dict[int, list] = {}
+    for example in task.examples:
+        by_image.setdefault(example.image_id, []).append(example)
+
+    groups: list[dict[str, Any]] = []
+    for split in SPLITS:
+        photos = []
+        for image_id in sorted(image_id for image_id in by_image if split_of[image_id] == split):
+            image = taco.images[image_id]
+            photos.append({
+                "image_id": image_id,
+                "file_name": image.file_name,
+                "width": image.width,
+                "height": image.height,
+                "examples": [
+                    {"annotation_id": e.annotation_id, "bbox": list(e.bbox) if e.bbox else None,
+                     "label": e.label, "label_name": e.label_name}
+                    for e in sorted(by_image[image_id], key=lambda e: (e.annotation_id is not None, e.annotation_id or 0))
+                ],
+            })
+        for start in range(0, len(photos), photos_per_task):
+            groups.append({"split": split, "photos": photos[start:start + photos_per_task]})
+    return groups
+
+
+def _run_ray_pipeline(groups: list[dict], taco_dir: Path, image_settings: ImageSettings, staging: Path) -> None:
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    # Keep input order, so files and rows come out in (split, image id) order on any cluster.
+    context.execution_options.preserve_order = True
+
+    items = [{"payload": json.dumps(group)} for group in groups]
+    dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    dataset = dataset.map_batches(
+        process_groups,
+        batch_size=None,
+        batch_format="pyarrow",
+        fn_kwargs={"taco_dir": str(taco_dir), "image_settings": asdict(image_settings), "errors_dir": str(staging / _STAGED_ERRORS)},
+    )
+    dataset.write_parquet(str(staging / "_staged"), arrow_parquet_args_fn=lambda: {"compression": "zstd", "schema": SCHEMA})
+
+
+def process_groups(batch: pa.Table, taco_dir: str, image_settings: dict, errors_dir: str) -> pa.Table:
+    """Ray Data map function: decode the photos of one or more groups into example rows.
+
+    Failed examples are written as JSON lines to ``errors_dir`` (one file per group,
+    replaced atomically, so a retried task leaves no duplicates) and left out of the rows.
+    """
+    settings = ImageSettings(**image_settings)
+    root = Path(taco_dir)
+    columns: dict[str, list] = {name: [] for name in SCHEMA.names}
+    for payload in batch.column("payload").to_pylist():
+        group = json.loads(payload)
+        failures = []
+        for photo in group["photos"]:
+            boxes = [tuple(e["bbox"]) if e["bbox"] else None for e in photo["examples"]]
+            arrays, _ = read_examples(root, photo["file_name"], (photo["width"], photo["height"]), boxes, settings)
+            for example, array in zip(photo["examples"], arrays):
+                if isinstance(array, np.ndarray):
+                    columns["image"].append(array.tobytes())
+                    columns["label"].append(example["label"])
+                    columns["label_name"].append(example["label_name"])
+                    columns["image_id"].append(photo["image_id"])
+                    columns["annotation_id"].append(example["annotation_id"])
+                    columns["file_name"].append(photo["file_name"])
+                    columns["bbox"].append(example["bbox"])
+                    columns["split"].append(group["split"])
+                else:
+                    failures.append({
+                        "split": group["split"], "image_id": photo["image_id"], "annotation_id": example["annotation_id"],
+                        "file_name": photo["file_name"], "reason": array.reason, "message": array.message,
+                    })
+        if failures:
+            _write_group_errors(Path(errors_dir), group, failures)
+    return pa.Table.from_pydict(columns, schema=SCHEMA)
+
+
+def _write_group_errors(errors_dir: Path, group: dict, failures: list[dict]) -> None:
+    errors_dir.mkdir(parents=True, exist_ok=True)
+    first = group["photos"][0]["image_id"]
+    target = errors_dir / f"{group['split']}-{first:012d}.jsonl"
+    temporary = target.with_suffix(f".tmp-{uuid.uuid4().hex[:8]}")
+    temporary.write_text("".join(json.dumps(failure) + "\n" for failure in failures))
+    os.replace(temporary, target)
+    # One line per photo, not per crop: a photo with 30 crops fails once.
+    for file_name, reason in sorted({(f["file_name"], f["reason"]) for f in failures}):
+        level = logging.INFO if reason in SKIP_REASONS else logging.WARNING
+        message = next(f["message"] for f in failures if f["file_name"] == file_name and f["reason"] == reason)
+        log.log(level, "skipped %s (%s): %s", file_name, reason, message)
+
+
+def _arrange_staged_files(staging: Path) -> dict[str, list[Path]]:
+    """Move staged Parquet files into per-split folders, named in row order."""
+    pieces: list[tuple[tuple[int, int, int], str, pa.Table | Path]] = []
+    for path in sorted((staging / "_staged").glob("*.parquet")):
+        keys = pq.read_table(path, columns=["split", "image_id", "annotation_id"])
+        if keys.num_rows == 0:
+            continue
+        splits = set(keys.column("split").to_pylist())
+        if len(splits) == 1:
+            split = splits.pop()
+            pieces.append((_row_key(keys, 0), split, path))
+            continue
+        # A task may have handled groups of two splits; cut its file apart.
+        table = pq.read_table(path, schema=SCHEMA)
+        for split in sorted(splits):
+            part = table.filter(pc.equal(table.column("split"), split))
+            pieces.append((_row_key(part, 0), split, part))
+
+    files: dict[str, list[Path]] = {split: [] for split in SPLITS}
+    for split in SPLITS:
+        (staging / split).mkdir()
+        ordered = sorted((piece for piece in pieces if piece[1] == split), key=lambda piece: piece[0])
+        for index, (_, _, source) in enumerate(ordered):
+            target = staging / split / f"part-{index:06d}.parquet"
+            if isinstance(source, Path):
+                os.replace(source, target)
+            else:
+                pq.write_table(source, target, compression="zstd")
+            files[split].append(target)
+    shutil.rmtree(staging / "_staged", ignore_errors=True)
+    _check_row_order(files)
+    return files
+
+
+def _row_key(table: pa.Table, index: int) -> tuple[int, int, int]:
+    image_id = table.column("image_id")[index].as_py()
+    annotation_id = table.column("annotation_id")[index].as_py()
+    return (image_id, 0 if annotation_id is None else 1, annotation_id or 0)
+
+
+def _check_row_order(files: dict[str, list[Path]]) -> None:
+    for split, paths in files.items():
+        previous = None
+        for path in paths:
+            keys = pq.read_table(path, columns=["image_id", "annotation_id"])
+            for index in range(keys.num_rows):
+                key = _row_key(keys, index)
+                if previous is not None and key < previous:
+                    raise PreprocessError(f"internal error: rows of split {split} are out of order at {path.name} row {index}")
+                previous = key
+
+
+def _collect_errors(staging: Path) -> list[dict]:
+    errors_dir = staging / _STAGED_ERRORS
+    errors: list[dict] = []
+    order = {split: index for index, split in enumerate(SPLITS)}
+    for path in sorted(errors_dir.glob("*.jsonl")) if errors_dir.is_dir() else []:
+        errors.extend(json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    shutil.rmtree(errors_dir, ignore_errors=True)
+    errors.sort(key=lambda e: (order[e["split"]], e["image_id"], e["annotation_id"] is not None, e["annotation_id"] or 0))
+    return errors
+
+
+def _finish(
+    staging: Path,
+    data_dir: Path,
+    files: dict[str, list[Path]],
+    errors: list[dict],
+    task: TaskExamples,
+    settings: PreprocessSettings,
+    fingerprint: dict,
+    annotations_path: Path,
+    taco_dir: Path,
+    options: RunOptions,
+) -> PreprocessResult:
+    failed = [e for e in errors if e["reason"] not in SKIP_REASONS]
+    skipped = [e for e in errors if e["reason"] in SKIP_REASONS]
+    total = len(task.examples)
+
+    counts: dict[str, dict[str, Any]] = {}
+    for split in SPLITS:
+        labels = Counter()
+        for path in files[split]:
+            labels.update(pq.read_table(path, columns=["label_name"]).column("label_name").to_pylist())
+        counts[split] = {"total": sum(labels.values()), "per_class": {name: labels.get(name, 0) for name in task.class_names}}
+
+    summary = {split: counts[split]["per_class"] for split in SPLITS}
+    print(format_summary(summary))
+    _write_summary_csv(staging / SUMMARY_FILE, summary)
+    with (staging / ERRORS_FILE).open("w") as handle:
+        for error in errors:
+            handle.write(json.dumps(error) + "\n")
+
+    reasons = Counter(e["reason"] for e in errors)
+    if errors:
+        print(f"{len(failed)} of {total} examples failed and {len(skipped)} were skipped: "
+              + ", ".join(f"{reason} {count}" for reason, count in sorted(reasons.items()))
+              + f" (details in {data_dir / ERRORS_FILE})")
+
+    dataset = {
+        "format_version": FORMAT_VERSION,
+        "task": task.task,
+        "is_crop_task": task.is_crop_task,
+        "class_names": task.class_names,
+        "image_size": settings.image.size,
+        "color_mode": settings.image.color_mode,
+        "channels": settings.image.channels,
+        "settings": settings.to_dict(),
+        "split_fractions": dict(zip(SPLITS, settings.fractions.as_tuple())),
+        "seed": settings.seed,
+        "merged_into_other": task.merged_into_other,
+        "excluded_annotations": task.excluded_annotations,
+        "counts": counts,
+        "errors": {"failed": len(failed), "skipped": len(skipped), "by_reason": dict(sorted(reasons.items()))},
+        "annotations": str(annotations_path),
+        "data_root": str(taco_dir),
+        "schema": {field.name: str(field.type) for field in SCHEMA},
+        "image_layout": "uint8 bytes, row-major (height, width, channels)",
+        "created_by": f"raywaste {__version__}",
+    }
+    (staging / DATASET_FILE).write_text(json.dumps(dataset, indent=2) + "\n")
+
+    manifest = {
+        **fingerprint,
+        "raywaste_version": __version__,
+        "counts": {split: counts[split]["total"] for split in SPLITS},
+        "files": {
+            str(path.relative_to(staging)): _sha256(path)
+            for path in sorted(staging.rglob("*"))
+            if path.is_file() and path.name != MANIFEST_FILE
+        },
+    }
+    (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+
+    if total and len(failed) / total > options.max_error_fraction:
+        kept = data_dir.parent / f"data-failed-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.replace(staging, kept)
+        raise PreprocessError(
+            f"{len(failed)} of {total} examples failed ({len(failed) / total:.1%}), more than the allowed "
+            f"{options.max_error_fraction:.1%}; see {kept / ERRORS_FILE}, fix the inputs or raise --max-error-fraction"
+        )
+
+    _move_into_place(staging, data_dir)
+    info = load_dataset_info(data_dir)
+    return PreprocessResult(data_dir, info, len(failed), len(skipped), reused=False)
+
+
+def _write_summary_csv(path: Path, summary: dict[str, dict[str, int]]) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["class", *SPLITS])
+        class_names = list(summary[SPLITS[0]])
+        for name in class_names:
+            writer.writerow([name, *(summary[split][name] for split in SPLITS)])
+
+
+def _move_into_place(staging: Path, data_dir: Path) -> None:
+    """Replace ``data_dir`` with ``staging``; an old dataset is removed only after the new one is in place."""
+    old = None
+    if data_dir.exists():
+        old = data_dir.parent / f".data-old-{uuid.uuid4().hex[:8]}"
+        os.replace(data_dir, old)
+    os.replace(staging, data_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def settings_with(settings: PreprocessSettings, **changes: Any) -> PreprocessSettings:
+    """Return a copy of ``settings`` with top-level fields or image fields changed by name."""
+    image_fields = set(ImageSettings.__dataclass_fields__)
+    image_changes = {key: value for key, value in changes.items() if key in image_fields}
+    other = {key: value for key, value in changes.items() if key not in image_fields}
+    return replace(settings, image=replace(settings.image, **image_changes), **other)
