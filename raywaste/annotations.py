@@ -20,8 +20,8 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 # A box may stick out of its image by this many pixels and still be clipped silently
-# (TACO has boxes that start at -1). Larger overhangs are left for the image stage,
-# which knows the photo's EXIF orientation and real pixel size, to judge.
+# (TACO has boxes that start at -1). Larger overhangs are judged later by the image
+# stage, which reads the photo's EXIF orientation and real pixel size.
 CLIP_TOLERANCE_PX = 2.0
 
 # Errors beyond this many are summarized, so one broken file does not flood the terminal.
@@ -58,7 +58,7 @@ class Annotation:
 
 @dataclass
 class LoadReport:
-    """What loading changed or noticed, for the log and for ``inspect``."""
+    """Changes and findings of loading, for the log and for ``inspect``."""
 
     clipped_boxes: list[int] = field(default_factory=list)
     oversized_boxes: list[int] = field(default_factory=list)

@@ -118,12 +118,24 @@ def _handle_errors(function: Callable) -> Callable:
     return wrapper
 
 
-def _preprocess_settings(task, image_size, color_mode, square, padding, min_box_size, fractions, min_class_examples, seed):
+def _preprocess_inputs(params: dict, seed: int, overwrite: bool) -> tuple[PreprocessSettings, RunOptions, Path | None]:
+    """Build the preprocessing settings and run options from the parsed CLI options."""
     try:
-        image = ImageSettings(size=image_size, color_mode=color_mode, square=square, padding=padding, min_box_size=min_box_size)
+        image = ImageSettings(size=params["image_size"], color_mode=params["color_mode"], square=params["square"],
+                              padding=params["padding"], min_box_size=params["min_box_size"])
     except ValueError as error:
         raise click.BadParameter(str(error)) from None
-    return PreprocessSettings(task=task, image=image, fractions=fractions, seed=seed, min_class_examples=min_class_examples)
+    settings = PreprocessSettings(task=params["task"], image=image, fractions=params["fractions"], seed=seed,
+                                  min_class_examples=params["min_class_examples"])
+    options = RunOptions(photos_per_task=params["photos_per_task"], max_error_fraction=params["max_error_fraction"],
+                         overwrite=overwrite)
+    return settings, options, params["annotations"]
+
+
+def _tune_settings(params: dict, seed: int) -> TuneSettings:
+    """Build the tuning settings from the parsed CLI options."""
+    names = ("num_samples", "max_epochs", "grace_period", "cpus_per_trial", "gpus_per_trial", "batch_size", "class_weight")
+    return TuneSettings(seed=seed, **{name: params[name] for name in names})
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -143,14 +155,12 @@ def main(verbose: int) -> None:
 @_address_option
 @_num_cpus_option
 @_handle_errors
-def preprocess(taco_dir, out, annotations, task, image_size, color_mode, square, padding, min_box_size, fractions,
-               min_class_examples, max_error_fraction, photos_per_task, seed, overwrite, address, num_cpus):
+def preprocess(taco_dir, out, seed, overwrite, address, num_cpus, **params):
     """Decode TACO photos in TACO_DIR into Parquet splits under OUT/data."""
     from raywaste.preprocessing import preprocess as run_preprocess
     from raywaste.runtime import ray_session
 
-    settings = _preprocess_settings(task, image_size, color_mode, square, padding, min_box_size, fractions, min_class_examples, seed)
-    options = RunOptions(photos_per_task=photos_per_task, max_error_fraction=max_error_fraction, overwrite=overwrite)
+    settings, options, annotations = _preprocess_inputs(params, seed, overwrite)
     with ray_session(address, num_cpus):
         result = run_preprocess(taco_dir, out, settings, annotations=annotations, options=options)
     click.echo(f"dataset in {result.data_dir}: " + ", ".join(f"{split} {count}" for split, count in result.info.counts.items()))
@@ -164,17 +174,13 @@ def preprocess(taco_dir, out, annotations, task, image_size, color_mode, square,
 @_address_option
 @_num_cpus_option
 @_handle_errors
-def tune(out, num_samples, max_epochs, grace_period, cpus_per_trial, gpus_per_trial, batch_size, class_weight,
-         seed, overwrite, address, num_cpus):
+def tune(out, seed, overwrite, address, num_cpus, **params):
     """Tune CNN trials on OUT/data with Ray Tune and ASHA; save OUT/best_model.keras."""
     from raywaste.runtime import ray_session
     from raywaste.tuning import tune as run_tune
 
-    settings = TuneSettings(num_samples=num_samples, max_epochs=max_epochs, grace_period=grace_period,
-                            cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, batch_size=batch_size,
-                            class_weight=class_weight, seed=seed)
     with ray_session(address, num_cpus):
-        run_tune(out, settings, overwrite=overwrite)
+        run_tune(out, _tune_settings(params, seed), overwrite=overwrite)
 
 
 @main.command()
@@ -199,23 +205,17 @@ def evaluate(out, model):
 @_address_option
 @_num_cpus_option
 @_handle_errors
-def run(taco_dir, out, annotations, task, image_size, color_mode, square, padding, min_box_size, fractions,
-        min_class_examples, max_error_fraction, photos_per_task, num_samples, max_epochs, grace_period, cpus_per_trial,
-        gpus_per_trial, batch_size, class_weight, seed, overwrite, address, num_cpus):
+def run(taco_dir, out, seed, overwrite, address, num_cpus, **params):
     """Preprocess TACO_DIR, tune, and evaluate on the test split, all into OUT."""
     from raywaste.evaluation import evaluate as run_evaluate
     from raywaste.preprocessing import preprocess as run_preprocess
     from raywaste.runtime import ray_session
     from raywaste.tuning import tune as run_tune
 
-    settings = _preprocess_settings(task, image_size, color_mode, square, padding, min_box_size, fractions, min_class_examples, seed)
-    options = RunOptions(photos_per_task=photos_per_task, max_error_fraction=max_error_fraction, overwrite=overwrite)
-    tune_settings = TuneSettings(num_samples=num_samples, max_epochs=max_epochs, grace_period=grace_period,
-                                 cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, batch_size=batch_size,
-                                 class_weight=class_weight, seed=seed)
+    settings, options, annotations = _preprocess_inputs(params, seed, overwrite)
     with ray_session(address, num_cpus):
         run_preprocess(taco_dir, out, settings, annotations=annotations, options=options)
-        run_tune(out, tune_settings, overwrite=overwrite)
+        run_tune(out, _tune_settings(params, seed), overwrite=overwrite)
     run_evaluate(out)
 
 

@@ -6,8 +6,8 @@ Layout under ``OUT/data/``::
     manifest.json       settings, checksum of annotations.json, counts, checksum per file
     split_summary.csv   examples per class per split
     errors.jsonl        one JSON object per example that could not be made, with its reason
-    train/ val/ test/   Parquet files ``part-NNNNNN.parquet``; reading them in name order
-                        gives rows sorted by (image id, annotation id)
+    train/ val/ test/   Parquet files ``part-NNNNNN.parquet``, rows sorted by
+                        (image id, annotation id) when read in name order
 
 Every Parquet row is one example (see :data:`SCHEMA`). ``image`` holds
 ``image_size * image_size * channels`` uint8 bytes in row-major (height, width,

@@ -32,7 +32,7 @@ class EvaluationError(RuntimeError):
 
 @dataclass
 class EvaluationResult:
-    """What :func:`evaluate` produced; ``report`` is the content of ``metrics.json``."""
+    """Result of :func:`evaluate`. ``report`` is the content of ``metrics.json``."""
 
     report: dict[str, Any]
     metrics_path: Path

@@ -30,10 +30,10 @@ from PIL import Image, UnidentifiedImageError
 COLOR_MODES = ("rgb", "grayscale")
 
 # How a box becomes a square picture:
-#   stretch  scale width and height independently (the aspect ratio changes);
-#   pad      keep the aspect ratio and fill the margins with PAD_COLOR (letterbox);
-#   context  keep the aspect ratio and fill the margins with the photo around the box;
-#   crop     keep the aspect ratio and cut the box's longer side down to its shorter one.
+#   stretch  Scale width and height independently, so the aspect ratio changes.
+#   pad      Keep the aspect ratio and fill the margins with PAD_COLOR (letterbox).
+#   context  Keep the aspect ratio and fill the margins with the photo around the box.
+#   crop     Keep the aspect ratio and cut the box's longer side down to its shorter one.
 SQUARE_MODES = ("stretch", "pad", "context", "crop")
 
 # Transparent pixels are composited onto white, the usual page background of PNGs.
@@ -65,7 +65,7 @@ _TRANSPOSE_FOR_ORIENTATION = {
 
 @dataclass(frozen=True)
 class ImageSettings:
-    """How examples are cut and stored. Sizes are in pixels."""
+    """Settings for cutting and storing examples. Sizes are in pixels."""
 
     size: int = 128
     color_mode: str = "rgb"
@@ -98,7 +98,7 @@ class ImageSettings:
 
 @dataclass(frozen=True)
 class ExampleError:
-    """Why an example could not be made. ``reason`` is a short code, ``message`` says what to do."""
+    """Failure to make an example: ``reason`` is a short code, ``message`` names the file and the fix."""
 
     reason: str
     message: str
@@ -106,7 +106,7 @@ class ExampleError:
 
 @dataclass(frozen=True)
 class PhotoInfo:
-    """What was learned about a photo while reading it."""
+    """Facts about a photo found while reading it."""
 
     orientation: int = 1
     stored_size: tuple[int, int] = (0, 0)

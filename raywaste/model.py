@@ -1,9 +1,9 @@
 """The Keras CNN, built from a plain config dict so that Ray Tune can search over it.
 
-``make_model(config, input_shape, num_classes)`` returns a compiled ``keras.Model``:
-rescaling to [0, 1], ``conv_blocks`` blocks of Conv2D, activation and max pooling (the
-filters double with each block), pooling to a vector, dropout, a dense layer, and a
-sigmoid output for two classes or a softmax output for more.
+``make_model(config, input_shape, num_classes)`` returns a compiled ``keras.Model``. It
+rescales to [0, 1] and has ``conv_blocks`` blocks of Conv2D, activation and max pooling,
+with the filters doubling in each block. Then come pooling to a vector, dropout, a dense
+layer, and a sigmoid output for two classes or a softmax output for more.
 
 Rescaling lives inside the model, so a saved model takes the same uint8 images the
 dataset stores and inference needs no separate preprocessing.

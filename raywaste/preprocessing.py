@@ -81,7 +81,7 @@ class PreprocessSettings:
 
 @dataclass(frozen=True)
 class RunOptions:
-    """How the run behaves; none of these change the dataset's content."""
+    """Run options. None of them change the dataset's content."""
 
     photos_per_task: int = 8
     """Photos per Ray task: small enough to spread over many workers, large enough to amortize task overhead."""
@@ -92,7 +92,7 @@ class RunOptions:
 
 @dataclass
 class PreprocessResult:
-    """What :func:`preprocess` produced."""
+    """Result of :func:`preprocess`."""
 
     data_dir: Path
     info: DatasetInfo
@@ -165,7 +165,7 @@ def _check_existing(data_dir: Path, fingerprint: dict, overwrite: bool) -> Prepr
         if previous["annotations_sha256"] != fingerprint["annotations_sha256"]:
             changed.append("annotations")
         raise PreprocessError(
-            f"{data_dir} holds a dataset made with different inputs or settings (changed: {', '.join(changed) or 'unknown'}); "
+            f"{data_dir} contains a dataset made with different inputs or settings (changed: {', '.join(changed) or 'unknown'}); "
             "pass --overwrite to replace it, or choose another output folder"
         )
     missing = [name for name in manifest.get("files", {}) if not (data_dir / name).is_file()]

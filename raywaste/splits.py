@@ -2,9 +2,9 @@
 
 Splits are per image, so every crop of one photo lands in the same split and no
 object is seen in training and testing both. The assignment is deterministic for a
-seed and stratified by label as far as the data allow: each image is stratified by its
-rarest label, and within each stratum images are dealt to the split that is furthest
-below its target share, in the stratum and overall.
+seed and stratified by label as far as the data allow. Each image joins the stratum of
+its rarest label. Within each stratum, images go one by one to the split that is
+furthest below its target share, in the stratum and overall.
 """
 
 from __future__ import annotations
@@ -77,17 +77,17 @@ def assign_splits(examples: list[Example], fractions: SplitFractions = SplitFrac
         rng.shuffle(image_ids)
         stratum_assigned = [0, 0, 0]
         for position, image_id in enumerate(image_ids):
-            choice = _most_behind(targets, stratum_assigned, position, assigned)
+            choice = _split_with_max_deficit(targets, stratum_assigned, position, assigned)
             stratum_assigned[choice] += 1
             assigned[choice] += 1
             split_of[image_id] = SPLITS[choice]
     return split_of
 
 
-def _most_behind(targets: tuple[float, ...], stratum_counts: list[int], stratum_total: int, global_counts: list[int]) -> int:
-    """Pick the split furthest below its share, counting the stratum's and the overall deficit.
+def _split_with_max_deficit(targets: tuple[float, ...], stratum_counts: list[int], stratum_total: int, global_counts: list[int]) -> int:
+    """Pick the split furthest below its share, adding the stratum's and the overall deficit.
 
-    The stratum's deficit gives the first images of a small class to train; the overall
+    The stratum's deficit gives the first images of a small class to train. The overall
     deficit keeps the totals close to the fractions when there are many small strata.
     """
     global_total = sum(global_counts)

@@ -98,8 +98,11 @@ def balanced_class_weights(labels: np.ndarray, num_classes: int) -> dict[int, fl
 
 
 def train_trial(config: dict[str, Any], data: TrialData) -> None:
-    """Ray Tune function trainable. ``config`` holds the model keys plus ``batch_size``,
-    ``max_epochs``, ``class_weight`` ("balanced" or "none") and ``seed``."""
+    """Train one trial as a Ray Tune function trainable.
+
+    ``config`` contains the model keys plus ``batch_size``, ``max_epochs``,
+    ``class_weight`` ("balanced" or "none") and ``seed``.
+    """
     import ray
     from ray import tune
 

@@ -8,7 +8,7 @@
    ``OUT/best_model.json``.
 
 What this stage leaves for the next: a model that evaluation and prediction load with
-``keras.models.load_model``, and the metadata that says how its inputs were made.
+``keras.models.load_model``, and the metadata that records how its inputs were made.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class TuneSettings:
 
 @dataclass
 class TuneResult:
-    """What :func:`tune` produced."""
+    """Result of :func:`tune`."""
 
     out_dir: Path
     metric: str
@@ -208,12 +208,12 @@ def _check_resources(cluster: dict[str, float], settings: TuneSettings) -> None:
     import ray
 
     nodes = [node for node in ray.nodes() if node.get("Alive")]
-    most_cpus = max((node["Resources"].get("CPU", 0.0) for node in nodes), default=cluster.get("CPU", 0.0))
-    most_gpus = max((node["Resources"].get("GPU", 0.0) for node in nodes), default=cluster.get("GPU", 0.0))
-    if settings.cpus_per_trial > most_cpus or settings.gpus_per_trial > most_gpus:
+    max_cpus = max((node["Resources"].get("CPU", 0.0) for node in nodes), default=cluster.get("CPU", 0.0))
+    max_gpus = max((node["Resources"].get("GPU", 0.0) for node in nodes), default=cluster.get("GPU", 0.0))
+    if settings.cpus_per_trial > max_cpus or settings.gpus_per_trial > max_gpus:
         raise TuningError(
             f"each trial requests {settings.cpus_per_trial:g} CPUs and {settings.gpus_per_trial:g} GPUs, but the largest "
-            f"Ray node has {most_cpus:g} CPUs and {most_gpus:g} GPUs; lower --cpus-per-trial/--gpus-per-trial or add resources"
+            f"Ray node has {max_cpus:g} CPUs and {max_gpus:g} GPUs; lower --cpus-per-trial/--gpus-per-trial or add resources"
         )
 
 

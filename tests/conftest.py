@@ -35,3 +35,18 @@ def taco_official(test_data: Path) -> Path:
 @pytest.fixture(scope="session")
 def taco_maps(test_data: Path) -> Path:
     return test_data / "taco-maps"
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole session; stages use it instead of starting their own.
+
+    A test that needs another cluster layout runs it in a subprocess, since a process can
+    hold only one Ray connection.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
