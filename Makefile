@@ -1,5 +1,6 @@
 # Set-up and entry points. Both targets create the virtual environment on first use.
 #   make run DATA=<taco folder> OUT=<output folder> [TASK=binary:Bottle]
+#     (first downloads DOWNLOAD_ARGS' subset of TACO into DATA when DATA/annotations.json is missing)
 #   make test
 PYTHON ?= python3
 VENV ?= .venv
@@ -9,6 +10,7 @@ DATA ?= data/taco
 OUT ?= out
 TASK ?= binary:Bottle
 RUN_ARGS ?=
+DOWNLOAD_ARGS ?= --max-images 100
 PYTEST_ARGS ?=
 
 STAMP := $(VENV)/.raywaste-installed-$(EXTRAS)
@@ -24,6 +26,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 run: $(STAMP)
+	test -f "$(DATA)/annotations.json" || $(VENV)/bin/raywaste download "$(DATA)" $(DOWNLOAD_ARGS)
 	$(VENV)/bin/raywaste run "$(DATA)" "$(OUT)" --task "$(TASK)" $(RUN_ARGS)
 
 test: $(STAMP)
