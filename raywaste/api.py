@@ -21,7 +21,9 @@ from raywaste.preprocessing import PreprocessResult, PreprocessSettings, RunOpti
 from raywaste.preprocessing import preprocess as _preprocess
 from raywaste.runtime import ray_session
 from raywaste.splits import SplitFractions
+from raywaste.search_space import SearchSpace
 from raywaste.tuning import TuneResult, TuneSettings
+from raywaste.tuning import resume as _resume
 from raywaste.tuning import tune as _tune
 
 
@@ -61,19 +63,27 @@ def tune(
     out_dir: str | Path,
     settings: TuneSettings | None = None,
     *,
-    search_space: dict[str, Any] | None = None,
+    search_space: SearchSpace | str | Path | dict[str, Any] | None = None,
     overwrite: bool = False,
     address: str | None = None,
     **changes: Any,
 ) -> TuneResult:
-    """Tune the CNN on ``out_dir/data`` and save the best model as ``out_dir/best_model.keras``.
+    """Tune on the datasets in ``out_dir`` and save the best model as ``out_dir/best_model.keras``.
 
-    ``changes`` set fields of :class:`~raywaste.tuning.TuneSettings` (``num_samples``,
-    ``max_epochs``, ``cpus_per_trial``, ...).
+    ``search_space`` is a YAML or JSON file, a dict in that file's form, or a
+    :class:`~raywaste.search_space.SearchSpace`. ``changes`` set fields of
+    :class:`~raywaste.tune_settings.TuneSettings` (``num_samples``, ``max_epochs``,
+    ``scheduler``, ``search``, ``cpus_per_trial``, ...).
     """
     settings = _with_changes(settings or TuneSettings(), changes)
     with ray_session(address):
         return _tune(out_dir, settings, search_space=search_space, overwrite=overwrite)
+
+
+def resume(out_dir: str | Path, *, address: str | None = None) -> TuneResult:
+    """Continue the interrupted tuning run in ``out_dir/tune`` with the settings it started with."""
+    with ray_session(address):
+        return _resume(out_dir)
 
 
 def evaluate(out_dir: str | Path, *, model: str | Path | None = None) -> EvaluationResult:
@@ -89,7 +99,7 @@ def run(
     *,
     annotations: str | Path | None = None,
     options: RunOptions | None = None,
-    search_space: dict[str, Any] | None = None,
+    search_space: SearchSpace | str | Path | dict[str, Any] | None = None,
     overwrite: bool = False,
     address: str | None = None,
 ) -> RunResult:

@@ -19,7 +19,7 @@ from raywaste.images import COLOR_MODES, SQUARE_MODES, ImageSettings
 from raywaste.preprocessing import PreprocessSettings, RunOptions
 from raywaste.splits import SplitError, SplitFractions
 from raywaste.tasks import DEFAULT_TASK
-from raywaste.tuning import TuneSettings
+from raywaste.tune_settings import METRIC_CHOICES, SCHEDULERS, SEARCHERS, TuneSettings
 
 # Option defaults come from the settings classes that define them.
 _IMAGE = ImageSettings()
@@ -84,21 +84,49 @@ _preprocess_options = _options(
                  help="Fail when more than this fraction of examples cannot be read."),
     click.option("--photos-per-task", type=click.IntRange(min=1), default=_OPTIONS.photos_per_task, show_default=True,
                  help="Photos decoded by one Ray task."),
+    click.option("--dataset-name", default=_OPTIONS.dataset_name, show_default=True,
+                 help="Folder under OUT for the dataset: data, or data-<suffix> (e.g. data-64-grayscale) to keep "
+                      "datasets of several image sizes or color modes side by side for tuning."),
 )
 
 _tune_options = _options(
+    click.option("--space", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+                 help="Search space file, YAML or JSON (see docs/search-space.md). [default: the built-in space]"),
     click.option("--num-samples", type=click.IntRange(min=1), default=_TUNE.num_samples, show_default=True,
-                 help="Number of trials."),
-    click.option("--max-epochs", type=click.IntRange(min=1), default=_TUNE.max_epochs, show_default=True,
-                 help="Epochs of a trial that ASHA does not stop early."),
+                 help="Number of trials; with --search grid, how many times the grid runs."),
+    click.option("--scheduler", type=click.Choice(SCHEDULERS), default=_TUNE.scheduler, show_default=True,
+                 help="asha and hyperband stop weak trials early, pbt copies and mutates good ones, fifo runs all to the end."),
+    click.option("--search", type=click.Choice(SEARCHERS), default=_TUNE.search, show_default=True,
+                 help="How trial configs are drawn: random samples, a grid of every choice, or Optuna's TPE (pip install 'raywaste[optuna]')."),
+    click.option("--metric", type=click.Choice(METRIC_CHOICES), default=_TUNE.metric, show_default=True,
+                 help="Validation metric that ranks trials. auto: average precision for binary tasks, macro F1 otherwise; "
+                      "f1: F1 of the positive class (binary tasks)."),
+    click.option("--max-epochs", type=click.IntRange(min=1), default=None,
+                 help="Epochs of a trial that is not stopped early. [default: the search space's, 15]"),
     click.option("--grace-period", type=click.IntRange(min=1), default=_TUNE.grace_period, show_default=True,
-                 help="Epochs every trial runs before ASHA may stop it."),
-    click.option("--cpus-per-trial", type=click.FloatRange(min=0, min_open=True), default=_TUNE.cpus_per_trial, show_default=True),
-    click.option("--gpus-per-trial", type=click.FloatRange(min=0), default=_TUNE.gpus_per_trial, show_default=True),
-    click.option("--batch-size", type=click.IntRange(min=1), default=_TUNE.batch_size, show_default=True),
-    click.option("--class-weight", type=click.Choice(["balanced", "none"]), default=_TUNE.class_weight, show_default=True,
-                 help="Weight the loss so every class counts the same, or not at all."),
+                 help="ASHA: epochs every trial runs before it may be stopped."),
+    click.option("--reduction-factor", type=click.IntRange(min=2), default=_TUNE.reduction_factor, show_default=True,
+                 help="ASHA and HyperBand: about 1 in this many trials continues at each rung."),
+    click.option("--perturbation-interval", type=click.IntRange(min=1), default=_TUNE.perturbation_interval, show_default=True,
+                 help="PBT: epochs between two exploit-and-explore steps."),
+    click.option("--checkpoint-every", type=click.IntRange(min=1), default=_TUNE.checkpoint_every, show_default=True,
+                 help="Epochs between two checkpoints of a trial; the last epoch always gets one."),
+    click.option("--keep-checkpoints", type=click.IntRange(min=1), default=_TUNE.keep_checkpoints, show_default=True,
+                 help="Checkpoints kept per trial, the best by the metric (Ray also keeps the latest)."),
+    click.option("--cpus-per-trial", type=click.FloatRange(min=0, min_open=True), default=_TUNE.cpus_per_trial, show_default=True,
+                 help="CPUs each trial reserves (fractions allowed); TensorFlow uses this many threads."),
+    click.option("--gpus-per-trial", type=click.FloatRange(min=0), default=_TUNE.gpus_per_trial, show_default=True,
+                 help="GPUs each trial reserves; 0.5 lets two trials share one GPU."),
+    click.option("--max-concurrent-trials", type=click.IntRange(min=0), default=_TUNE.max_concurrent_trials, show_default=True,
+                 help="Trials running at once (0: as many as the resources allow)."),
+    click.option("--batch-size", type=click.IntRange(min=1), default=None,
+                 help="Examples per gradient step. [default: the search space's, 32]"),
+    click.option("--class-weight", type=click.Choice(["balanced", "none"]), default=None,
+                 help="Weight the loss so every class counts the same, or not at all. [default: the search space's, balanced]"),
 )
+_TUNE_SETTING_NAMES = ("num_samples", "scheduler", "search", "metric", "max_epochs", "grace_period", "reduction_factor",
+                       "perturbation_interval", "checkpoint_every", "keep_checkpoints", "cpus_per_trial", "gpus_per_trial",
+                       "max_concurrent_trials", "batch_size", "class_weight")
 
 
 def _handle_errors(function: Callable) -> Callable:
@@ -110,12 +138,14 @@ def _handle_errors(function: Callable) -> Callable:
         from raywaste.dataset import DatasetError
         from raywaste.evaluation import EvaluationError
         from raywaste.preprocessing import PreprocessError
+        from raywaste.search_space import SearchSpaceError
         from raywaste.tasks import TaskError
-        from raywaste.tuning import TuningError
+        from raywaste.tune_settings import TuningError
 
         try:
             return function(*args, **kwargs)
-        except (AnnotationsError, DatasetError, EvaluationError, PreprocessError, TaskError, TuningError, SplitError) as error:
+        except (AnnotationsError, DatasetError, EvaluationError, PreprocessError, SearchSpaceError, TaskError, TuningError,
+                SplitError) as error:
             raise click.ClickException(str(error)) from None
 
     return wrapper
@@ -130,15 +160,28 @@ def _preprocess_inputs(params: dict, seed: int, overwrite: bool) -> tuple[Prepro
         raise click.BadParameter(str(error)) from None
     settings = PreprocessSettings(task=params["task"], image=image, fractions=params["fractions"], seed=seed,
                                   min_class_examples=params["min_class_examples"])
-    options = RunOptions(photos_per_task=params["photos_per_task"], max_error_fraction=params["max_error_fraction"],
-                         overwrite=overwrite)
+    try:
+        options = RunOptions(photos_per_task=params["photos_per_task"], max_error_fraction=params["max_error_fraction"],
+                             overwrite=overwrite, dataset_name=params["dataset_name"])
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
     return settings, options, params["annotations"]
 
 
 def _tune_settings(params: dict, seed: int) -> TuneSettings:
     """Build the tuning settings from the parsed CLI options."""
-    names = ("num_samples", "max_epochs", "grace_period", "cpus_per_trial", "gpus_per_trial", "batch_size", "class_weight")
-    return TuneSettings(seed=seed, **{name: params[name] for name in names})
+    try:
+        return TuneSettings(seed=seed, **{name: params[name] for name in _TUNE_SETTING_NAMES})
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
+
+
+def _reject_options_with_resume(context: click.Context, names: tuple[str, ...]) -> None:
+    """Stop when --resume comes with tuning options, which the interrupted run has already fixed."""
+    given = [name for name in names if context.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise click.UsageError(f"--resume continues the run with its own settings (OUT/tune/tuning.json); leave out {flags}")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -173,17 +216,30 @@ def preprocess(taco_dir, out, seed, overwrite, address, num_cpus, **params):
 @click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @_tune_options
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the search and of weight initialization.")
+@click.option("--resume", is_flag=True, help="Continue the interrupted tuning run in OUT/tune with its own settings.")
 @_overwrite_option
 @_address_option
 @_num_cpus_option
 @_handle_errors
-def tune(out, seed, overwrite, address, num_cpus, **params):
-    """Tune CNN trials on OUT/data with Ray Tune and ASHA; save OUT/best_model.keras."""
+@click.pass_context
+def tune(context, out, seed, resume, overwrite, address, num_cpus, space, **params):
+    """Tune trials on the datasets in OUT with Ray Tune; save OUT/best_model.keras.
+
+    Writes OUT/tune/results.csv, best_config.json, plots and TensorBoard files. After an
+    interruption, 'raywaste tune --resume OUT' continues where the run stopped.
+    """
     from raywaste.runtime import ray_session
+    from raywaste.tuning import resume as resume_tune
     from raywaste.tuning import tune as run_tune
 
+    if resume:
+        _reject_options_with_resume(context, ("space", "seed", "overwrite", *_TUNE_SETTING_NAMES))
+        with ray_session(address, num_cpus):
+            resume_tune(out)
+        return
+    settings = _tune_settings(params, seed)
     with ray_session(address, num_cpus):
-        run_tune(out, _tune_settings(params, seed), overwrite=overwrite)
+        run_tune(out, settings, search_space=space, overwrite=overwrite)
 
 
 @main.command()
@@ -208,7 +264,7 @@ def evaluate(out, model):
 @_address_option
 @_num_cpus_option
 @_handle_errors
-def run(taco_dir, out, seed, overwrite, address, num_cpus, **params):
+def run(taco_dir, out, seed, overwrite, address, num_cpus, space, **params):
     """Preprocess TACO_DIR, tune, and evaluate on the test split, all into OUT."""
     from raywaste.evaluation import evaluate as run_evaluate
     from raywaste.preprocessing import preprocess as run_preprocess
@@ -218,7 +274,7 @@ def run(taco_dir, out, seed, overwrite, address, num_cpus, **params):
     settings, options, annotations = _preprocess_inputs(params, seed, overwrite)
     with ray_session(address, num_cpus):
         run_preprocess(taco_dir, out, settings, annotations=annotations, options=options)
-        run_tune(out, _tune_settings(params, seed), overwrite=overwrite)
+        run_tune(out, _tune_settings(params, seed), search_space=space, overwrite=overwrite)
     run_evaluate(out)
 
 

@@ -1,6 +1,7 @@
 """The preprocessed dataset on disk: its layout, Parquet schema and readers.
 
-Layout under ``OUT/data/``::
+Layout under ``OUT/data/`` (further datasets of other image sizes or color modes may sit
+beside it as ``OUT/data-<name>/``, see :func:`find_datasets`)::
 
     dataset.json        class names, image size, color mode, task, splits, seed, counts
     manifest.json       settings, checksum of annotations.json, counts, checksum per file
@@ -29,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 FORMAT_VERSION = 1
+DEFAULT_DATA_DIR = "data"
 DATASET_FILE = "dataset.json"
 MANIFEST_FILE = "manifest.json"
 ERRORS_FILE = "errors.jsonl"
@@ -105,6 +107,21 @@ def load_dataset_info(data_dir: str | Path) -> DatasetInfo:
         counts={split: int(entry["total"]) for split, entry in raw["counts"].items()},
         raw=raw,
     )
+
+
+def find_datasets(out_dir: str | Path) -> list[DatasetInfo]:
+    """Return the preprocessed datasets under ``out_dir``: ``data`` first, then ``data-*`` by name.
+
+    A folder counts when it contains ``dataset.json``; staging and failed folders of an
+    unfinished preprocessing run (``.data-staging-*``, ``data-failed-*``) are skipped.
+    """
+    out_dir = Path(out_dir)
+    folders = [out_dir / DEFAULT_DATA_DIR] + sorted(out_dir.glob(f"{DEFAULT_DATA_DIR}-*"))
+    return [
+        load_dataset_info(folder)
+        for folder in folders
+        if (folder / DATASET_FILE).is_file() and not folder.name.startswith(f"{DEFAULT_DATA_DIR}-failed-")
+    ]
 
 
 def split_files(data_dir: str | Path, split: str) -> list[Path]:

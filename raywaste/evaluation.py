@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from raywaste.dataset import load_dataset_info, read_split_table, table_to_arrays
+from raywaste.dataset import DEFAULT_DATA_DIR, load_dataset_info, read_split_table, table_to_arrays
 from raywaste.metrics import average_precision, classification_report, format_report
-from raywaste.tuning import BEST_MODEL
+from raywaste.tuning import BEST_MODEL, BEST_MODEL_INFO
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def evaluate(out_dir: str | Path, model_path: str | Path | None = None, split: s
     model_path = Path(model_path) if model_path else out_dir / BEST_MODEL
     if not model_path.is_file():
         raise EvaluationError(f"model not found: {model_path}; run 'raywaste tune' first")
-    info = load_dataset_info(out_dir / "data")
+    info = load_dataset_info(out_dir / _model_data_dir(model_path))
     table = read_split_table(info.data_dir, split, columns=["image", "label", "image_id"])
     if table.num_rows == 0:
         raise EvaluationError(f"the {split} split in {info.data_dir} is empty; preprocess with a larger {split} fraction")
@@ -95,6 +95,17 @@ def evaluate(out_dir: str | Path, model_path: str | Path | None = None, split: s
         print(f"average precision: {report['average_precision']:.3f}")
     print(f"metrics written to {metrics_path}, confusion matrix to {confusion_png}")
     return EvaluationResult(report, metrics_path, confusion_png)
+
+
+def _model_data_dir(model_path: Path) -> str:
+    """Return the dataset folder a model was tuned on, from the best_model.json beside it (default: data)."""
+    info_path = model_path.with_suffix(".json")
+    if model_path.name == BEST_MODEL and info_path.name == BEST_MODEL_INFO and info_path.is_file():
+        try:
+            return json.loads(info_path.read_text()).get("data_dir") or DEFAULT_DATA_DIR
+        except json.JSONDecodeError as error:
+            raise EvaluationError(f"cannot read {info_path}: {error}; tune again or pass --model") from error
+    return DEFAULT_DATA_DIR
 
 
 def plot_confusion_matrix(matrix: np.ndarray, class_names: list[str], path: Path, title: str = "") -> None:

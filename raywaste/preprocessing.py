@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 import uuid
@@ -35,6 +36,7 @@ from raywaste import __version__
 from raywaste.annotations import load_annotations
 from raywaste.dataset import (
     DATASET_FILE,
+    DEFAULT_DATA_DIR,
     ERRORS_FILE,
     FORMAT_VERSION,
     MANIFEST_FILE,
@@ -88,6 +90,14 @@ class RunOptions:
     max_error_fraction: float = 0.05
     """Fail the run when more than this fraction of examples could not be made."""
     overwrite: bool = False
+    dataset_name: str = DEFAULT_DATA_DIR
+    """Folder under OUT for the dataset: "data", or "data-<suffix>" for further image sizes or color modes."""
+
+    def __post_init__(self) -> None:
+        name = self.dataset_name
+        # Tuning finds datasets as OUT/data and OUT/data-*; data-failed-* keeps a failed run's files.
+        if not re.fullmatch(r"data(-[A-Za-z0-9._-]+)?", name) or name.startswith("data-failed-"):
+            raise ValueError(f"invalid dataset name {name!r}; expected 'data' or 'data-<suffix>', for example 'data-64-grayscale'")
 
 
 @dataclass
@@ -114,7 +124,7 @@ def preprocess(
     options = options or RunOptions()
     taco_dir = Path(taco_dir).resolve()
     annotations_path = Path(annotations).resolve() if annotations else taco_dir / "annotations.json"
-    data_dir = Path(out_dir).resolve() / "data"
+    data_dir = Path(out_dir).resolve() / options.dataset_name
 
     annotations_sha256 = _sha256(annotations_path) if annotations_path.is_file() else None
     fingerprint = {"settings": settings.to_dict(), "annotations_sha256": annotations_sha256}

@@ -1,11 +1,16 @@
-"""One Tune trial: train the CNN epoch by epoch, score it on the validation split, report.
+"""One Tune trial: train the classifier epoch by epoch, score it on the validation split, report.
 
 :func:`train_trial` runs inside a Ray Tune trial. It takes its arrays from the object
-store (through ``tune.with_parameters``), never from a closure, limits TensorFlow to the
-CPUs Ray gave the trial, and after every epoch reports the validation metrics with
-``ray.tune.report``. When the tuning metric improves it also reports a checkpoint with
-``model.keras`` (weights and optimizer state) and the epoch, so a restored trial continues
-where it left off.
+store (through ``tune.with_parameters``), never from a closure, and limits TensorFlow to
+the CPUs Ray gave the trial. After every epoch it reports the validation metrics with
+``ray.tune.report`` and writes them as TensorBoard scalars. Every ``checkpoint_every``
+epochs, and at the last epoch, the report carries a checkpoint: ``model.keras`` (weights
+and optimizer state) and ``state.json`` (the epoch). A trial restored from a checkpoint,
+after a pause (HyperBand), an exploit (PBT) or a resumed experiment, continues from that
+epoch with that optimizer state.
+
+The work itself is in plain functions (:func:`build_model`, :func:`train_epoch`,
+:func:`save_checkpoint`, :func:`load_checkpoint`) that need no Ray.
 """
 
 from __future__ import annotations
@@ -20,12 +25,13 @@ from typing import Any
 
 import numpy as np
 
-from raywaste.metrics import average_precision, macro_f1
+from raywaste.metrics import average_precision, confusion_matrix, macro_f1, per_class_scores
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_MODEL = "model.keras"
 CHECKPOINT_STATE = "state.json"
+TENSORBOARD_DIR = "tensorboard"
 
 
 @dataclass
@@ -48,15 +54,21 @@ class TrialData:
         return len(self.class_names)
 
 
+def dataset_key(image_size: int, color_mode: str) -> str:
+    """Return the key of a dataset in the trials' ``datasets`` mapping, e.g. "64-grayscale"."""
+    return f"{int(image_size)}-{color_mode}"
+
+
 def tuning_metric(is_binary: bool) -> str:
-    """Return the validation metric that ranks trials: average precision for binary tasks, else macro F1."""
+    """Return the default validation metric that ranks trials: average precision for binary tasks, else macro F1."""
     return "val_average_precision" if is_binary else "val_macro_f1"
 
 
-def configure_tensorflow(cpus: float | None) -> None:
+def configure_tensorflow(cpus: float | None) -> int:
     """Limit TensorFlow's thread pools to ``cpus`` and turn on GPU memory growth.
 
-    Must run before TensorFlow executes its first operation in this process.
+    Must run before TensorFlow executes its first operation in this process. Returns the
+    intra-op thread count in effect (0 means TensorFlow's default: one per core).
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -71,11 +83,16 @@ def configure_tensorflow(cpus: float | None) -> None:
             tf.config.experimental.set_memory_growth(gpu, True)
     except RuntimeError as error:
         # TensorFlow was initialized earlier in this process; its settings stay as they are.
-        log.debug("TensorFlow settings unchanged: %s", error)
+        log.warning("TensorFlow thread and GPU settings unchanged, because TensorFlow was already initialized: %s", error)
+    return tf.config.threading.get_intra_op_parallelism_threads()
 
 
 def validation_metrics(probabilities: np.ndarray, labels: np.ndarray, is_binary: bool) -> dict[str, float]:
-    """Score ``(n, classes)`` probabilities against true labels."""
+    """Score ``(n, classes)`` probabilities against true labels.
+
+    Every task gets loss, accuracy and macro F1; binary tasks also get the average
+    precision and the F1 of the positive class (label 1) at the 0.5 threshold.
+    """
     predicted = probabilities.argmax(axis=1)
     clipped = np.clip(probabilities[np.arange(len(labels)), labels], 1e-7, 1.0)
     metrics = {
@@ -85,6 +102,7 @@ def validation_metrics(probabilities: np.ndarray, labels: np.ndarray, is_binary:
     }
     if is_binary:
         metrics["val_average_precision"] = average_precision(labels == 1, probabilities[:, 1])
+        metrics["val_f1"] = float(per_class_scores(confusion_matrix(labels, predicted, 2))["f1"][1])
     return metrics
 
 
@@ -97,55 +115,125 @@ def balanced_class_weights(labels: np.ndarray, num_classes: int) -> dict[int, fl
     return {index: float(weight) for index, weight in enumerate(weights)}
 
 
-def train_trial(config: dict[str, Any], data: TrialData) -> None:
+def build_model(config: dict[str, Any], data: TrialData):
+    """Build and compile a fresh model for a trial config."""
+    from raywaste.model import Augmentation, ModelConfig, make_model
+
+    return make_model(ModelConfig.from_config(config), data.input_shape, data.num_classes,
+                      augmentation=Augmentation.from_config(config), seed=int(config.get("seed", 0)))
+
+
+def save_checkpoint(model, directory: str | Path, epoch: int) -> None:
+    """Write ``model.keras`` (architecture, weights, optimizer state) and ``state.json`` into ``directory``."""
+    directory = Path(directory)
+    model.save(directory / CHECKPOINT_MODEL)
+    state = {"epoch": epoch, "optimizer_iterations": int(model.optimizer.iterations.numpy())}
+    (directory / CHECKPOINT_STATE).write_text(json.dumps(state))
+
+
+def load_checkpoint(directory: str | Path) -> tuple[Any, dict[str, Any]]:
+    """Load the model and state that :func:`save_checkpoint` wrote."""
+    import keras
+
+    directory = Path(directory)
+    model = keras.models.load_model(directory / CHECKPOINT_MODEL)
+    state = json.loads((directory / CHECKPOINT_STATE).read_text())
+    return model, state
+
+
+def apply_mutable_config(model, config: dict[str, Any]) -> None:
+    """Set the learning rate of a restored model to the config's, which PBT may have changed."""
+    model.optimizer.learning_rate = float(config["learning_rate"])
+
+
+def train_epoch(model, data: TrialData, config: dict[str, Any], epoch: int) -> dict[str, float]:
+    """Train one epoch (``epoch`` counts from 0) and return the validation metrics and the training loss."""
+    from raywaste.model import class_probabilities
+
+    class_weight = balanced_class_weights(data.train_labels, data.num_classes) if config.get("class_weight", "balanced") == "balanced" else None
+    targets = data.train_labels.astype(np.float32) if data.num_classes == 2 else data.train_labels
+    history = model.fit(
+        data.train_images, targets, batch_size=int(config.get("batch_size", 32)), epochs=epoch + 1, initial_epoch=epoch,
+        shuffle=True, class_weight=class_weight, verbose=0,
+    )
+    probabilities = class_probabilities(model, data.val_images)
+    metrics = validation_metrics(probabilities, data.val_labels, data.is_binary)
+    metrics["train_loss"] = float(history.history["loss"][-1])
+    metrics["epoch"] = epoch + 1
+    metrics["learning_rate"] = float(np.asarray(model.optimizer.learning_rate))
+    metrics["optimizer_iterations"] = int(model.optimizer.iterations.numpy())
+    return metrics
+
+
+class TensorBoardWriter:
+    """Write a trial's metrics as TensorBoard scalars with TensorFlow alone.
+
+    ``tf.summary.scalar`` needs the tensorboard package; ``tf.summary.write`` with the
+    scalars plugin's metadata writes the same event records without it.
+    """
+
+    def __init__(self, log_dir: str | Path):
+        import tensorflow as tf
+        from tensorflow.core.framework import summary_pb2
+
+        self._tf = tf
+        self._writer = tf.summary.create_file_writer(str(log_dir))
+        self._metadata = summary_pb2.SummaryMetadata(plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
+
+    def write(self, metrics: dict[str, float], step: int) -> None:
+        tf = self._tf
+        with self._writer.as_default():
+            for name, value in metrics.items():
+                if name != "epoch":
+                    tf.summary.write(name, tf.constant(float(value), tf.float32), step=step, metadata=self._metadata)
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+def train_trial(config: dict[str, Any], datasets: dict[str, TrialData]) -> None:
     """Train one trial as a Ray Tune function trainable.
 
-    ``config`` contains the model keys plus ``batch_size``, ``max_epochs``,
-    ``class_weight`` ("balanced" or "none") and ``seed``.
+    ``config`` contains the search space's keys (see :mod:`raywaste.search_space`) plus
+    ``seed`` and ``checkpoint_every``. ``datasets`` maps :func:`dataset_key` to the data.
     """
     import ray
     from ray import tune
 
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
-    configure_tensorflow(cpus)
+    threads = configure_tensorflow(cpus)
     import keras
 
-    from raywaste.model import ModelConfig, class_probabilities, make_model
-
     keras.utils.set_random_seed(int(config.get("seed", 0)))
-    metric = tuning_metric(data.is_binary)
+    data = datasets[dataset_key(config["image_size"], config["color_mode"])]
     max_epochs = int(config["max_epochs"])
-    batch_size = int(config.get("batch_size", 32))
-    class_weight = (
-        balanced_class_weights(data.train_labels, data.num_classes) if config.get("class_weight", "balanced") == "balanced" else None
-    )
-    targets = data.train_labels.astype(np.float32) if data.num_classes == 2 else data.train_labels
+    checkpoint_every = int(config.get("checkpoint_every", 1))
 
-    start_epoch, best = 0, float("-inf")
+    start_epoch = 0
     checkpoint = tune.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
-            model = keras.models.load_model(Path(directory) / CHECKPOINT_MODEL)
-            state = json.loads((Path(directory) / CHECKPOINT_STATE).read_text())
-        start_epoch, best = int(state["epoch"]), float(state["best"])
+            model, state = load_checkpoint(directory)
+        start_epoch = int(state["epoch"])
+        apply_mutable_config(model, config)
+        log.info("trial restored at epoch %d from %s", start_epoch, checkpoint.path)
     else:
-        model = make_model(ModelConfig.from_config(config), data.input_shape, data.num_classes)
+        model = build_model(config, data)
 
-    for epoch in range(start_epoch, max_epochs):
-        history = model.fit(
-            data.train_images, targets, batch_size=batch_size, epochs=epoch + 1, initial_epoch=epoch,
-            shuffle=True, class_weight=class_weight, verbose=0,
-        )
-        probabilities = class_probabilities(model, data.val_images)
-        metrics = validation_metrics(probabilities, data.val_labels, data.is_binary)
-        metrics["train_loss"] = float(history.history["loss"][-1])
-        metrics["epoch"] = epoch + 1
+    writer = TensorBoardWriter(Path(tune.get_context().get_trial_dir()) / TENSORBOARD_DIR)
+    try:
+        for epoch in range(start_epoch, max_epochs):
+            metrics = train_epoch(model, data, config, epoch)
+            metrics["resumed_from_epoch"] = start_epoch
+            metrics["cpu_threads"] = threads
+            writer.write(metrics, step=epoch + 1)
 
-        if metrics[metric] > best:
-            best = max(best, metrics[metric])
-            with tempfile.TemporaryDirectory() as directory:
-                model.save(Path(directory) / CHECKPOINT_MODEL)
-                (Path(directory) / CHECKPOINT_STATE).write_text(json.dumps({"epoch": epoch + 1, "best": best}))
-                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
-        else:
-            tune.report(metrics)
+            if (epoch + 1) % checkpoint_every == 0 or epoch + 1 == max_epochs:
+                with tempfile.TemporaryDirectory() as directory:
+                    save_checkpoint(model, directory, epoch + 1)
+                    tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+            else:
+                tune.report(metrics)
+    finally:
+        writer.close()

@@ -1,11 +1,16 @@
-"""Tuning stage: parallel CNN trials with Ray Tune and early stopping by ASHA.
+"""Tuning stage: parallel trials with Ray Tune, early stopping, checkpoints, resume, readable results.
 
-1. Load the train and validation splits from ``OUT/data`` and put them in the object store.
-2. Run ``num_samples`` trials of :func:`raywaste.training.train_trial` over the search
-   space; ASHA stops trials whose validation metric trails after a few epochs.
-3. Write ``OUT/tune/results.csv`` (one row per trial) and copy the best trial's best
-   checkpoint to ``OUT/best_model.keras``, with its config and dataset metadata in
-   ``OUT/best_model.json``.
+1. Find the preprocessed datasets under OUT that the search space selects by image size
+   and color mode (``OUT/data`` and ``OUT/data-*``). Check the settings against the search
+   space, the datasets and the cluster, so that a combination that cannot work, or a trial
+   that no node can hold, fails before any trial starts.
+2. Write ``OUT/tune/tuning.json`` (settings, search space, metric, datasets), which
+   :func:`resume` reads after an interruption, and put the train and validation splits in
+   the object store once for all trials.
+3. Run the trials (:func:`raywaste.training.train_trial`) with the chosen scheduler and
+   searcher; Ray keeps each trial's best checkpoints under ``OUT/tune/<trial>/``.
+4. Write ``OUT/tune/results.csv`` (one row per trial), ``best_config.json``, the plots,
+   and copy the best checkpoint to ``OUT/best_model.keras`` with ``OUT/best_model.json``.
 
 What this stage leaves for the next: a model that evaluation and prediction load with
 ``keras.models.load_model``, and the metadata that records how its inputs were made.
@@ -13,58 +18,57 @@ What this stage leaves for the next: a model that evaluation and prediction load
 
 from __future__ import annotations
 
-import csv
+import importlib.util
+import itertools
 import json
 import logging
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raywaste.dataset import load_dataset_info, load_split_arrays
-from raywaste.training import CHECKPOINT_MODEL, TrialData, train_trial, tuning_metric
+from raywaste import __version__
+from raywaste.dataset import DatasetError, DatasetInfo, find_datasets, load_dataset_info, load_split_arrays
+from raywaste.model import BACKBONE_MIN_SIZE
+from raywaste.search_space import (
+    PARAMETERS,
+    Distribution,
+    SearchSpace,
+    SearchSpaceError,
+    default_search_space,
+    load_search_space,
+    parse_search_space,
+)
+from raywaste.training import CHECKPOINT_MODEL, TrialData, dataset_key, train_trial
+from raywaste.tune_results import (
+    BEST_CONFIG_FILE,
+    HYPERPARAMETER_PLOT,
+    METRIC_PLOT,
+    RESULTS_FILE,
+    best_checkpoint,
+    plot_hyperparameters,
+    plot_metric_by_epoch,
+    results_rows,
+    summarize_trials,
+    write_best_config,
+    write_results_csv,
+)
+from raywaste.tune_settings import TuneSettings, TuningError, check_combination, make_scheduler, make_searcher, resolve_metric
+
+__all__ = ["TuneResult", "TuneSettings", "TuningError", "default_search_space", "resume", "tune"]
 
 log = logging.getLogger(__name__)
 
 TUNE_DIR = "tune"
+RUN_FILE = "tuning.json"
 BEST_MODEL = "best_model.keras"
 BEST_MODEL_INFO = "best_model.json"
-RESULTS_FILE = "results.csv"
-
-
-class TuningError(RuntimeError):
-    """Tuning could not run or produced no usable trial."""
-
-
-@dataclass(frozen=True)
-class TuneSettings:
-    """How many trials run, how long, and on what resources."""
-
-    num_samples: int = 8
-    max_epochs: int = 15
-    grace_period: int = 3
-    """Epochs every trial runs before ASHA may stop it."""
-    reduction_factor: int = 3
-    """ASHA keeps about 1 in this many trials at each rung."""
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
-    batch_size: int = 32
-    class_weight: str = "balanced"
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.num_samples < 1 or self.max_epochs < 1:
-            raise ValueError("num_samples and max_epochs must be at least 1")
-        if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
-            raise ValueError(f"invalid resources per trial: {self.cpus_per_trial} CPUs, {self.gpus_per_trial} GPUs")
-        if self.class_weight not in ("balanced", "none"):
-            raise ValueError(f"invalid class_weight {self.class_weight!r}; expected 'balanced' or 'none'")
 
 
 @dataclass
 class TuneResult:
-    """Result of :func:`tune`."""
+    """Result of :func:`tune` and :func:`resume`."""
 
     out_dir: Path
     metric: str
@@ -74,139 +78,238 @@ class TuneResult:
     best_model: Path
     results_csv: Path
     trials: list[dict[str, Any]]
+    """The rows of results.csv, best trial first."""
+    plots: list[Path] = field(default_factory=list)
+    tensorboard_command: str = ""
 
 
-def default_search_space() -> dict[str, Any]:
-    """Return the search space used when none is given: architecture and learning rate."""
-    from ray import tune
+@dataclass
+class TuningRun:
+    """Record of a run that :func:`resume` rebuilds it from, stored as ``OUT/tune/tuning.json``."""
 
-    return {
-        "learning_rate": tune.loguniform(1e-4, 3e-3),
-        "conv_blocks": tune.choice([2, 3, 4]),
-        "filters": tune.choice([16, 32]),
-        "dropout": tune.uniform(0.0, 0.5),
-        "dense_units": tune.choice([32, 64, 128]),
-        "activation": tune.choice(["relu", "leaky_relu"]),
-    }
+    settings: TuneSettings
+    space: SearchSpace
+    metric: str
+    mode: str
+    datasets: dict[str, str]
+    """:func:`~raywaste.training.dataset_key` of each dataset the trials use, mapped to its folder under OUT."""
+    task: str
+    class_names: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "raywaste_version": __version__,
+            "settings": self.settings.to_dict(),
+            "search_space": self.space.to_dict(),
+            "metric": self.metric,
+            "mode": self.mode,
+            "datasets": self.datasets,
+            "task": self.task,
+            "class_names": self.class_names,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], source: str) -> "TuningRun":
+        return cls(
+            settings=TuneSettings(**data["settings"]),
+            space=parse_search_space(data["search_space"], source=source),
+            metric=data["metric"],
+            mode=data["mode"],
+            datasets=dict(data["datasets"]),
+            task=data["task"],
+            class_names=list(data["class_names"]),
+        )
 
 
 def tune(
     out_dir: str | Path,
     settings: TuneSettings | None = None,
-    search_space: dict[str, Any] | None = None,
+    search_space: SearchSpace | str | Path | dict | None = None,
     overwrite: bool = False,
 ) -> TuneResult:
-    """Tune the CNN on ``OUT/data`` and save the best model; Ray must be initialized."""
-    import ray
-    from ray import tune as ray_tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.basic_variant import BasicVariantGenerator
+    """Tune on the datasets under ``out_dir`` and save the best model; Ray must be initialized.
 
+    ``search_space`` is a :class:`~raywaste.search_space.SearchSpace`, the path of a
+    YAML or JSON file, a dict in the file's form, or None for the default space.
+    """
     settings = settings or TuneSettings()
     out_dir = Path(out_dir).resolve()
     experiment_dir = out_dir / TUNE_DIR
+    space = settings.apply_to(_as_search_space(search_space))
+
+    # 1. Datasets, settings and resources, checked before anything is written.
+    infos, space = select_datasets(out_dir, space)
+    check_combination(settings, space)
+    check_model_fits(space, infos)
+    first = next(iter(infos.values()))
+    metric, mode = resolve_metric(settings.metric, first.is_binary)
+    check_resources(settings)
     if experiment_dir.exists():
         if not overwrite:
-            raise TuningError(f"{experiment_dir} already exists; pass --overwrite to start a new tuning run there")
+            raise TuningError(f"{experiment_dir} already exists; pass --resume to continue that run, "
+                              "or --overwrite to start a new one there")
         shutil.rmtree(experiment_dir)
 
-    # 1. Data into the object store, once for all trials.
-    info = load_dataset_info(out_dir / "data")
-    train_images, train_labels = load_split_arrays(info.data_dir, "train")
-    val_images, val_labels = load_split_arrays(info.data_dir, "val")
-    if len(train_labels) == 0 or len(val_labels) == 0:
-        raise TuningError(f"{info.data_dir}: the train and val splits need examples (train {len(train_labels)}, val {len(val_labels)})")
-    data = TrialData(train_images, train_labels, val_images, val_labels, info.class_names, info.is_binary)
-    _check_resources(ray.cluster_resources(), settings)
+    # 2. The run's record, and the data in the object store.
+    run = TuningRun(settings, space, metric, mode, {key: info.data_dir.name for key, info in infos.items()},
+                    first.task, first.class_names)
+    experiment_dir.mkdir(parents=True)
+    (experiment_dir / RUN_FILE).write_text(json.dumps(run.to_json(), indent=2) + "\n")
+    trainable = _trainable(_load_trial_data(infos), settings)
 
-    metric, mode = tuning_metric(info.is_binary), "max"
-    space = dict(search_space or default_search_space())
-    space.update({
-        "max_epochs": settings.max_epochs,
-        "batch_size": space.get("batch_size", settings.batch_size),
-        "class_weight": space.get("class_weight", settings.class_weight),
-        "seed": settings.seed,
-    })
+    # 3. Trials.
+    from ray import tune as ray_tune
 
-    # 2. Trials. Every improvement is checkpointed, which makes Tune snapshot its state
-    # often; that is expected here, so Tune's warning about it is silenced.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    trainable = ray_tune.with_resources(
-        ray_tune.with_parameters(train_trial, data=data),
-        {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial},
-    )
-    scheduler = ASHAScheduler(
-        time_attr="training_iteration",
-        max_t=settings.max_epochs,
-        grace_period=min(settings.grace_period, settings.max_epochs),
-        reduction_factor=settings.reduction_factor,
-    )
+    param_space = space.to_param_space(settings.search)
+    param_space.update(seed=settings.seed, checkpoint_every=settings.checkpoint_every)
     tuner = ray_tune.Tuner(
         trainable,
-        param_space=space,
+        param_space=param_space,
         tune_config=ray_tune.TuneConfig(
             metric=metric,
             mode=mode,
-            scheduler=scheduler,
-            search_alg=BasicVariantGenerator(random_state=settings.seed),
+            scheduler=make_scheduler(settings, space),
+            search_alg=make_searcher(settings),
             num_samples=settings.num_samples,
-            trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}",
+            max_concurrent_trials=settings.max_concurrent_trials or None,
+            trial_dirname_creator=trial_dirname,
         ),
-        run_config=ray_tune.RunConfig(
-            name=TUNE_DIR,
-            storage_path=str(out_dir),
-            checkpoint_config=ray_tune.CheckpointConfig(
-                num_to_keep=1, checkpoint_score_attribute=metric, checkpoint_score_order=mode
-            ),
-            verbose=1,
-        ),
+        run_config=_run_config(out_dir, settings, metric, mode),
     )
-    log.info("tuning %d trials of up to %d epochs on %s (metric %s)", settings.num_samples, settings.max_epochs, info.task, metric)
+    log.info("tuning %d trials of up to %s epochs on %s with %s and %s search (metric %s)", settings.num_samples,
+             space["max_epochs"], first.task, settings.scheduler, settings.search, metric)
     results = tuner.fit()
 
-    # 3. Results table and best model.
-    trials = _trial_rows(results, metric, settings.max_epochs)
-    results_csv = experiment_dir / RESULTS_FILE
-    _write_results_csv(results_csv, trials)
-    if results.num_errors:
-        log.warning("%d of %d trials failed; see %s", results.num_errors, len(results), results_csv)
-    completed = [result for result in results if result.error is None and result.metrics and metric in result.metrics]
-    if not completed:
-        first_error = next((result.error for result in results if result.error is not None), None)
-        raise TuningError(f"no trial completed an epoch; first error: {first_error}")
-
-    best = results.get_best_result(metric=metric, mode=mode, scope="all")
-    checkpoint = best.get_best_checkpoint(metric=metric, mode=mode)
-    if checkpoint is None:
-        raise TuningError(f"the best trial ({best.path}) left no checkpoint")
-    best_metric = float(best.metrics_dataframe[metric].max())
-    best_model = out_dir / BEST_MODEL
-    with checkpoint.as_directory() as directory:
-        shutil.copyfile(Path(directory) / CHECKPOINT_MODEL, best_model)
-    best_config = {key: value for key, value in best.config.items()}
-    model_info = {
-        "task": info.task,
-        "class_names": info.class_names,
-        "image_size": info.image_size,
-        "color_mode": info.color_mode,
-        "dataset": info.raw.get("settings"),
-        "config": best_config,
-        "metric": metric,
-        "mode": mode,
-        "best_metric": best_metric,
-        "trial_path": best.path,
-    }
-    (out_dir / BEST_MODEL_INFO).write_text(json.dumps(model_info, indent=2, default=str) + "\n")
-    (experiment_dir / "best_config.json").write_text(json.dumps(best_config, indent=2, default=str) + "\n")
-    print(f"best trial: {metric} = {best_metric:.4f}, config {json.dumps(best_config, default=str)}")
-    print(f"best model saved to {best_model}")
-    return TuneResult(out_dir, metric, mode, best_metric, best_config, best_model, results_csv, trials)
+    # 4. Results.
+    return _write_results(out_dir, run, results)
 
 
-def _check_resources(cluster: dict[str, float], settings: TuneSettings) -> None:
+def resume(out_dir: str | Path) -> TuneResult:
+    """Continue an interrupted tuning run in ``out_dir/tune``; Ray must be initialized.
+
+    Finished trials keep their results; unfinished and failed ones continue from their
+    latest checkpoint. The trainable and its data are rebuilt from ``tuning.json``.
+    """
+    from ray import tune as ray_tune
+
+    out_dir = Path(out_dir).resolve()
+    experiment_dir = out_dir / TUNE_DIR
+    run_file = experiment_dir / RUN_FILE
+    if not run_file.is_file() or not ray_tune.Tuner.can_restore(str(experiment_dir)):
+        raise TuningError(f"no tuning run to resume in {experiment_dir} ({RUN_FILE} or Ray Tune's experiment state is missing); "
+                          "start one with 'raywaste tune'")
+    try:
+        run = TuningRun.from_json(json.loads(run_file.read_text()), source=str(run_file))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+        raise TuningError(f"cannot read {run_file}: {error}") from error
+
+    infos = {key: load_dataset_info(out_dir / folder) for key, folder in run.datasets.items()}
+    check_resources(run.settings)
+    trainable = _trainable(_load_trial_data(infos), run.settings)
+
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    log.info("resuming the tuning run in %s", experiment_dir)
+    tuner = ray_tune.Tuner.restore(str(experiment_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    results = tuner.fit()
+    return _write_results(out_dir, run, results)
+
+
+def trial_dirname(trial) -> str:
+    """Name a trial's folder by its id alone, which keeps paths short and stable across resumes."""
+    return f"trial_{trial.trial_id}"
+
+
+def _as_search_space(search_space: SearchSpace | str | Path | dict | None) -> SearchSpace:
+    if search_space is None:
+        return default_search_space()
+    if isinstance(search_space, SearchSpace):
+        return search_space
+    if isinstance(search_space, dict):
+        return parse_search_space(search_space, source="the search_space argument")
+    return load_search_space(search_space)
+
+
+def select_datasets(out_dir: Path, space: SearchSpace) -> tuple[dict[str, DatasetInfo], SearchSpace]:
+    """Return the datasets the search space selects by image size and color mode, keyed by dataset key.
+
+    A null ``image_size`` or ``color_mode`` takes the value of ``OUT/data``, or of the only
+    dataset when there is no ``OUT/data``. The returned search space has it filled in.
+    """
+    found = find_datasets(out_dir)
+    if not found:
+        raise DatasetError(f"no preprocessed dataset under {out_dir} (no data/dataset.json); run 'raywaste preprocess' first")
+    default = found[0] if found[0].data_dir.name == "data" or len(found) == 1 else None
+
+    changes = {}
+    for name, attribute in (("image_size", "image_size"), ("color_mode", "color_mode")):
+        value = space[name]
+        if isinstance(value, Distribution) and not value.is_finite:
+            raise SearchSpaceError(f"{space.source}: {PARAMETERS[name].key}: select datasets with a constant or "
+                                   f"{{choice: [...]}}, not {value.kind}")
+        if value is None or (isinstance(value, Distribution) and None in value.values):
+            if default is None:
+                raise DatasetError(f"{out_dir} contains several datasets and no data/ folder: "
+                                   f"{_describe(found)}; set data.image_size and data.color_mode in the search space")
+            if isinstance(value, Distribution):
+                changes[name] = {value.kind: [getattr(default, attribute) if v is None else v for v in value.values]}
+            else:
+                changes[name] = getattr(default, attribute)
+    if changes:
+        space = space.with_values(**changes)
+
+    selected: dict[str, DatasetInfo] = {}
+    for size, color in itertools.product(space.possible_values("image_size"), space.possible_values("color_mode")):
+        matches = [info for info in found if info.image_size == size and info.color_mode == color]
+        if not matches:
+            raise DatasetError(
+                f"no preprocessed dataset with image size {size} and color mode {color} under {out_dir} "
+                f"(found: {_describe(found)}); make one with: raywaste preprocess TACO_DIR {out_dir} "
+                f"--image-size {size} --color-mode {color} --dataset-name data-{size}-{color}"
+            )
+        if len(matches) > 1:
+            raise DatasetError(f"several datasets under {out_dir} have image size {size} and color mode {color}: "
+                               f"{_describe(matches)}; move all but one elsewhere")
+        selected[dataset_key(size, color)] = matches[0]
+
+    first = next(iter(selected.values()))
+    for info in selected.values():
+        if info.task != first.task or info.class_names != first.class_names:
+            raise DatasetError(f"{info.data_dir} (task {info.task}, {info.num_classes} classes) differs from {first.data_dir} "
+                               f"(task {first.task}, {first.num_classes} classes); the datasets of one tuning run need the "
+                               "same task and classes")
+    return selected, space
+
+
+def _describe(infos: list[DatasetInfo]) -> str:
+    return ", ".join(f"{info.data_dir.name} ({info.image_size} px, {info.color_mode})" for info in infos)
+
+
+def check_model_fits(space: SearchSpace, infos: dict[str, DatasetInfo]) -> None:
+    """Reject search spaces whose deepest plain CNN or whose backbone does not fit the smallest image."""
+    smallest = min(info.image_size for info in infos.values())
+    backbones = space.possible_values("backbone")
+    if "none" in backbones:
+        blocks = _largest(space, "conv_blocks")
+        if smallest // (2 ** blocks) < 1:
+            raise TuningError(f"{space.source}: model.conv_blocks up to {blocks} shrinks the {smallest}x{smallest} images "
+                              "below one pixel; use fewer conv_blocks or a larger image size")
+    if any(backbone != "none" for backbone in backbones) and smallest < BACKBONE_MIN_SIZE:
+        raise TuningError(f"{space.source}: model.backbone needs images of at least {BACKBONE_MIN_SIZE} pixels, but a selected "
+                          f"dataset has {smallest}; preprocess with --image-size {BACKBONE_MIN_SIZE} or more")
+
+
+def _largest(space: SearchSpace, name: str) -> int:
+    value = space[name]
+    if isinstance(value, Distribution) and value.kind == "randint":
+        return int(value.values[1]) - 1
+    return int(max(space.possible_values(name)))
+
+
+def check_resources(settings: TuneSettings) -> None:
     """Fail at once when no node can ever hold one trial, instead of leaving trials pending forever."""
     import ray
 
+    cluster = ray.cluster_resources()
     nodes = [node for node in ray.nodes() if node.get("Alive")]
     max_cpus = max((node["Resources"].get("CPU", 0.0) for node in nodes), default=cluster.get("CPU", 0.0))
     max_gpus = max((node["Resources"].get("GPU", 0.0) for node in nodes), default=cluster.get("GPU", 0.0))
@@ -217,37 +320,103 @@ def _check_resources(cluster: dict[str, float], settings: TuneSettings) -> None:
         )
 
 
-def _trial_rows(results, metric: str, max_epochs: int) -> list[dict[str, Any]]:
-    rows = []
-    for result in results:
-        history = result.metrics_dataframe
-        epochs = int(history["epoch"].max()) if history is not None and "epoch" in history else 0
-        row = {
-            "trial_id": (result.metrics or {}).get("trial_id", Path(result.path).name),
-            "status": "error" if result.error else "ok",
-            f"best_{metric}": float(history[metric].max()) if history is not None and metric in history else None,
-            f"last_{metric}": float(history[metric].iloc[-1]) if history is not None and metric in history else None,
-            "epochs": epochs,
-            "stopped_early": bool(result.error is None and epochs < max_epochs),
-            "time_s": round(float((result.metrics or {}).get("time_total_s", 0.0)), 1),
-        }
-        row.update({f"config/{key}": value for key, value in sorted((result.config or {}).items())})
-        row["error"] = str(result.error).splitlines()[0] if result.error else ""
-        rows.append(row)
-    rows.sort(key=lambda row: (row[f"best_{metric}"] is None, -(row[f"best_{metric}"] or 0.0)))
-    return rows
+def _load_trial_data(infos: dict[str, DatasetInfo]) -> dict[str, TrialData]:
+    data = {}
+    for key, info in infos.items():
+        train_images, train_labels = load_split_arrays(info.data_dir, "train")
+        val_images, val_labels = load_split_arrays(info.data_dir, "val")
+        if len(train_labels) == 0 or len(val_labels) == 0:
+            raise TuningError(f"{info.data_dir}: the train and val splits need examples (train {len(train_labels)}, val {len(val_labels)})")
+        data[key] = TrialData(train_images, train_labels, val_images, val_labels, info.class_names, info.is_binary)
+        log.info("dataset %s: %d train and %d val examples of %s", info.data_dir, len(train_labels), len(val_labels), info.input_shape)
+    return data
 
 
-def _write_results_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    columns: list[str] = []
-    for row in rows:
-        columns.extend(key for key in row if key not in columns)
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+def _trainable(data: dict[str, TrialData], settings: TuneSettings):
+    from ray import tune as ray_tune
+
+    return ray_tune.with_resources(
+        ray_tune.with_parameters(train_trial, datasets=data),
+        {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial},
+    )
 
 
-def settings_dict(settings: TuneSettings) -> dict[str, Any]:
-    return asdict(settings)
+def _run_config(out_dir: Path, settings: TuneSettings, metric: str, mode: str):
+    from ray import tune as ray_tune
+
+    # A checkpoint every epoch makes Tune snapshot its state often; that is expected here,
+    # so Tune's warning about it is silenced.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    return ray_tune.RunConfig(
+        name=TUNE_DIR,
+        storage_path=str(out_dir),
+        checkpoint_config=ray_tune.CheckpointConfig(
+            num_to_keep=settings.keep_checkpoints, checkpoint_score_attribute=metric, checkpoint_score_order=mode
+        ),
+        # Artifacts are the TensorBoard files each trial writes into its working directory.
+        sync_config=ray_tune.SyncConfig(sync_artifacts=True),
+        verbose=1,
+    )
+
+
+def _write_results(out_dir: Path, run: TuningRun, results) -> TuneResult:
+    experiment_dir = out_dir / TUNE_DIR
+    metric, mode = run.metric, run.mode
+    max_epochs = int(run.space["max_epochs"])
+
+    trials = summarize_trials(results, metric)
+    rows = results_rows(trials, metric, max_epochs)
+    results_csv = experiment_dir / RESULTS_FILE
+    write_results_csv(results_csv, rows)
+    if results.num_errors:
+        log.warning("%d of %d trials failed; see %s", results.num_errors, len(results), results_csv)
+
+    best = best_checkpoint(results, metric, mode)
+    if best is None:
+        first_error = next((result.error for result in results if result.error is not None), None)
+        raise TuningError(f"no trial left a checkpoint with {metric}; first error: {first_error}")
+    best_result, checkpoint, best_metrics = best
+    best_config = dict(best_result.config)
+    best_metric = float(best_metrics[metric])
+    best_model = out_dir / BEST_MODEL
+    staged = best_model.with_name(f".{BEST_MODEL}.partial")
+    with checkpoint.as_directory() as directory:
+        shutil.copyfile(Path(directory) / CHECKPOINT_MODEL, staged)
+    os.replace(staged, best_model)
+
+    key = dataset_key(best_config["image_size"], best_config["color_mode"])
+    folder = run.datasets[key]
+    info = load_dataset_info(out_dir / folder)
+    model_info = {
+        "task": info.task,
+        "class_names": info.class_names,
+        "image_size": info.image_size,
+        "color_mode": info.color_mode,
+        "data_dir": folder,
+        "dataset": info.raw.get("settings"),
+        "config": best_config,
+        "metric": metric,
+        "mode": mode,
+        "best_metric": best_metric,
+        "epoch": int(best_metrics.get("epoch", 0)),
+        "trial_id": best_metrics.get("trial_id"),
+        "trial_path": best_result.path,
+        "scheduler": run.settings.scheduler,
+        "search": run.settings.search,
+    }
+    (out_dir / BEST_MODEL_INFO).write_text(json.dumps(model_info, indent=2, default=str) + "\n")
+    write_best_config(experiment_dir / BEST_CONFIG_FILE, best_config)
+
+    plots = [experiment_dir / METRIC_PLOT, experiment_dir / HYPERPARAMETER_PLOT]
+    plot_metric_by_epoch(trials, metric, plots[0], best_metrics.get("trial_id"), max_epochs)
+    plot_hyperparameters(trials, run.space, metric, plots[1], max_epochs)
+
+    command = f"tensorboard --logdir {experiment_dir}"
+    stopped = sum(1 for row in rows if row["stopped_early"])
+    print(f"{len(rows)} trials, {stopped} stopped early, {results.num_errors} failed; table in {results_csv}")
+    print(f"best trial {model_info['trial_id']}: {metric} = {best_metric:.4f} at epoch {model_info['epoch']}, "
+          f"config {json.dumps(best_config, default=str)}")
+    print(f"best model saved to {best_model}; plots: {', '.join(str(plot) for plot in plots)}")
+    note = "" if importlib.util.find_spec("tensorboard") else "  (install TensorBoard first: pip install tensorboard)"
+    print(f"TensorBoard: {command}{note}")
+    return TuneResult(out_dir, metric, mode, best_metric, best_config, best_model, results_csv, rows, plots, command)
