@@ -74,7 +74,7 @@ class Sampler(threading.Thread):
 
 
 def memory_at(samples: list[tuple[float, float, int]], trials: int) -> float:
-    """The highest VmRSS seen while ``trials`` trials had finished."""
+    """Return the highest VmRSS seen while ``trials`` trials had finished."""
     values = [rss for _, rss, finished in samples if finished == trials]
     return max(values) if values else float("nan")
 

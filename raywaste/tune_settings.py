@@ -51,8 +51,8 @@ class TuneSettings:
     """PBT: epochs between two exploit-and-explore steps."""
     checkpoint_every: int = 1
     """Epochs between two checkpoints; the last epoch always gets one."""
-    keep_checkpoints: int = 2
-    """Checkpoints kept per trial, the best by the metric (Ray also keeps the latest)."""
+    keep_checkpoints: int | None = None
+    """Checkpoints kept per trial, the best by the metric (Ray also keeps the latest); None: 2, or 3 with PBT."""
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
     max_concurrent_trials: int = 0
@@ -71,7 +71,7 @@ class TuneSettings:
             if value not in choices:
                 raise ValueError(f"invalid {name} {value!r}; expected one of {', '.join(choices)}")
         for name in ("grace_period", "perturbation_interval", "checkpoint_every", "keep_checkpoints"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"invalid {name} {getattr(self, name)}; expected 1 or more")
         if self.reduction_factor < 2:
             raise ValueError(f"invalid reduction_factor {self.reduction_factor}; expected 2 or more")
@@ -87,6 +87,12 @@ class TuneSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def checkpoints_to_keep(self) -> int:
+        if self.keep_checkpoints is not None:
+            return self.keep_checkpoints
+        return PBT_MIN_KEEP_CHECKPOINTS if self.scheduler == "pbt" else 2
 
     def apply_to(self, space: SearchSpace) -> SearchSpace:
         """Return ``space`` with this run's overrides of max_epochs, batch_size and class_weight."""
@@ -165,7 +171,7 @@ def _check_pbt(settings: TuneSettings, space: SearchSpace, max_epochs: int) -> N
     if settings.perturbation_interval >= max_epochs:
         raise TuningError(f"PBT: --perturbation-interval {settings.perturbation_interval} leaves no perturbation within "
                           f"max_epochs {max_epochs}; lower it")
-    if settings.keep_checkpoints < PBT_MIN_KEEP_CHECKPOINTS:
+    if settings.checkpoints_to_keep < PBT_MIN_KEEP_CHECKPOINTS:
         raise TuningError(f"PBT: --keep-checkpoints {settings.keep_checkpoints} may delete checkpoints that other trials are "
                           f"about to copy; use at least {PBT_MIN_KEEP_CHECKPOINTS}")
 

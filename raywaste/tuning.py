@@ -143,6 +143,8 @@ def tune(
     check_model_fits(space, infos)
     first = next(iter(infos.values()))
     metric, mode = resolve_metric(settings.metric, first.is_binary)
+    param_space = space.to_param_space(settings.search)
+    param_space.update(seed=settings.seed, checkpoint_every=settings.checkpoint_every)
     check_resources(settings)
     if experiment_dir.exists():
         if not overwrite:
@@ -160,8 +162,6 @@ def tune(
     # 3. Trials.
     from ray import tune as ray_tune
 
-    param_space = space.to_param_space(settings.search)
-    param_space.update(seed=settings.seed, checkpoint_every=settings.checkpoint_every)
     tuner = ray_tune.Tuner(
         trainable,
         param_space=param_space,
@@ -351,7 +351,7 @@ def _run_config(out_dir: Path, settings: TuneSettings, metric: str, mode: str):
         name=TUNE_DIR,
         storage_path=str(out_dir),
         checkpoint_config=ray_tune.CheckpointConfig(
-            num_to_keep=settings.keep_checkpoints, checkpoint_score_attribute=metric, checkpoint_score_order=mode
+            num_to_keep=settings.checkpoints_to_keep, checkpoint_score_attribute=metric, checkpoint_score_order=mode
         ),
         # Artifacts are the TensorBoard files each trial writes into its working directory.
         sync_config=ray_tune.SyncConfig(sync_artifacts=True),

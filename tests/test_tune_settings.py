@@ -30,6 +30,12 @@ def test_invalid_settings(changes, message):
         TuneSettings(**changes)
 
 
+def test_pbt_keeps_three_checkpoints_by_default():
+    assert TuneSettings().checkpoints_to_keep == 2
+    assert TuneSettings(scheduler="pbt").checkpoints_to_keep == 3
+    assert TuneSettings(scheduler="pbt", keep_checkpoints=5).checkpoints_to_keep == 5
+
+
 def test_fractional_resources_allowed():
     settings = TuneSettings(cpus_per_trial=0.5, gpus_per_trial=0.25)
     assert (settings.cpus_per_trial, settings.gpus_per_trial) == (0.5, 0.25)

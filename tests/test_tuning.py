@@ -179,7 +179,8 @@ def test_plots_are_drawn(asha_run):
     assert [path.name for path in result.plots] == ["metric_by_epoch.png", "hyperparameters.png"]
     for path in result.plots:
         image = matplotlib.image.imread(path)
-        assert image.shape[0] > 300 and image.shape[1] > 500
+        assert image.shape[0] > 300
+        assert image.shape[1] > 500
         assert image[..., :3].std() > 0.05, f"{path} looks blank"
 
 
@@ -255,8 +256,8 @@ def test_optuna_search(binary_out, tmp_path):
 
 
 # Resume after SIGKILL. The driver runs in a subprocess with its own local Ray in its own
-# temporary folder; every process of that Ray inherits MARKER_VARIABLE, which is how the
-# test finds and ends them, and only them.
+# temporary folder. Every process of that Ray inherits MARKER_VARIABLE, so the test finds
+# and ends those processes, and only them.
 
 MARKER_VARIABLE = "RAYWASTE_TEST_RAY_SESSION"
 
