@@ -59,17 +59,17 @@ class Sampler(threading.Thread):
         super().__init__(daemon=True)
         self.experiment_dir, self.max_epochs, self.interval_s = experiment_dir, max_epochs, interval_s
         self.samples: list[tuple[float, float, int]] = []
-        self._stop = threading.Event()
-        self._started = time.perf_counter()
+        self._stopping = threading.Event()
+        self._began = time.perf_counter()
 
     def run(self) -> None:
-        while not self._stop.is_set():
-            self.samples.append((time.perf_counter() - self._started, resident_mib(),
+        while not self._stopping.is_set():
+            self.samples.append((time.perf_counter() - self._began, resident_mib(),
                                  finished_trials(self.experiment_dir, self.max_epochs)))
-            self._stop.wait(self.interval_s)
+            self._stopping.wait(self.interval_s)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stopping.set()
         self.join()
 
 
