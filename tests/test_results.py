@@ -298,6 +298,8 @@ def test_report_shows_tuning_plots(binary_out, tmp_path):
     finally:
         plot.unlink()
     assert png_size(out / "report" / "split_counts.png") == (900, 110 + 22 * 2)
+    assert png_size(out / "report" / "supercategories.png") == (900, 110 + 22 * 28)
+    assert png_size(out / "report" / "box_sizes.png") == (800, 450)
     assert png_size(out / "report" / "samples.png") == (984, 36 + 2 * (320 + 2 * 13 + 8))
 
 
