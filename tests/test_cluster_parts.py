@@ -404,3 +404,13 @@ def test_wait_until_true_false_and_raise():
 
     with pytest.raises(ClusterError, match="node n2 failed"):
         wait_until(failing, timeout_s=5, interval_s=0.01)
+
+
+def test_driver_example_needs_ray_address(tmp_path):
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    result = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve().parents[1] / "examples" / "driver.py"), "taco", str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "RAY_ADDRESS is not set" in result.stderr

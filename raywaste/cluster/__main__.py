@@ -54,10 +54,19 @@ def main(quiet: bool) -> None:
 def start(node_script: Path) -> None:
     """Start the cluster of the current job (run on its first node); print the ray.env path."""
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    # Ray's own processes print to file descriptor 1 (a raylet that dies, for one), so
+    # send it to stderr while the cluster starts; stdout gets only the ray.env path.
+    sys.stdout.flush()
+    stdout = os.dup(1)
+    os.dup2(2, 1)
     try:
         started = start_cluster(os.environ, node_script)
     except ClusterError as error:
         _fail(error)
+    finally:
+        sys.stdout.flush()
+        os.dup2(stdout, 1)
+        os.close(stdout)
     plan = started.plan
     for line in (
         f"Ray cluster of job {plan.job_id}: {len(plan.nodes)} nodes, {plan.num_cpus} CPUs and {plan.num_gpus} GPUs each",

@@ -24,7 +24,7 @@ from raywaste.cluster.errors import ClusterError
 from raywaste.cluster.jobdir import ClusterPlan, JobDir, default_job_dir
 from raywaste.cluster.launchers import default_launcher, launch_command, spawn
 from raywaste.cluster.ports import busy_ports, choose_ports
-from raywaste.cluster.processes import stop_node_processes
+from raywaste.cluster.processes import find_node_processes, stop_node_processes
 from raywaste.cluster.settings import ClusterSettings
 from raywaste.cluster.tempdir import check_temp_dir, node_temp_dir
 from raywaste.cluster.waiting import wait_until
@@ -55,7 +55,7 @@ def ray_start_args(plan: ClusterPlan, index: int) -> list[str]:
             "--head",
             f"--port={plan.ports.gcs}",
             "--include-dashboard=true",
-            # The node's own address, not 0.0.0.0: the ssh tunnel reaches it, and the token guards it.
+            # The head's own address rather than 0.0.0.0 is enough for the ssh tunnel.
             f"--dashboard-host={node.address}",
             f"--dashboard-port={plan.ports.dashboard}",
             f"--ray-client-server-port={plan.ports.client_server}",
@@ -71,6 +71,7 @@ def ray_environment(job_dir: JobDir, base: Mapping[str, str]) -> dict[str, str]:
     environment = dict(base)
     # A RAY_ADDRESS left over from another cluster would redirect `ray start`.
     environment.pop("RAY_ADDRESS", None)
+    # Ray 2.60 prefers RAY_AUTH_TOKEN to RAY_AUTH_TOKEN_PATH, so a leftover token would win.
     environment.pop("RAY_AUTH_TOKEN", None)
     environment["RAY_AUTH_MODE"] = "token"
     environment["RAY_AUTH_TOKEN_PATH"] = str(job_dir.token)
@@ -125,18 +126,24 @@ def start_cluster(environ: Mapping[str, str], node_script: Path) -> StartedClust
 
     On failure, stops whatever was started and raises ClusterError.
     """
-    # 1. Read the allocation and prepare the private job directory with a new token.
+    # 1. Read the allocation and check that this job's cluster is not running yet.
     settings = ClusterSettings.from_env(environ)
     allocation = read_allocation(environ, settings)
     job_dir = JobDir(Path(settings.job_dir) if settings.job_dir else default_job_dir(allocation.submit_dir, allocation.key))
+    head_temp_dir = node_temp_dir(settings.tmp_root, allocation.key, 0)
+    if find_node_processes(head_temp_dir):
+        raise ClusterError(
+            f"the Ray cluster of job {allocation.job_id} is running already (processes use {head_temp_dir}); "
+            f"source {job_dir.env_file} to use it"
+        )
+    check_temp_dir(head_temp_dir)
     job_dir.create()
-    job_dir.write_token()
-    check_temp_dir(node_temp_dir(settings.tmp_root, allocation.key, 0))
 
-    # 2. Derive free ports and write the plan that the other nodes read.
+    # 2. Derive free ports, write the plan that the other nodes read, and a new token.
     plan = make_plan(allocation, settings, job_dir, node_script)
     job_dir.write_plan(plan)
     job_dir.write_site_env(plan)
+    job_dir.write_token()
     logger.info(
         "job %s: %d nodes, %d CPUs and %d GPUs each, head %s, ports %s",
         plan.job_id, len(plan.nodes), plan.num_cpus, plan.num_gpus, plan.address, plan.ports,
@@ -185,17 +192,32 @@ def start_head(plan: ClusterPlan, job_dir: JobDir, environ: Mapping[str, str], s
         )
 
 
+def run_on_node(plan: ClusterPlan, job_dir: JobDir, index: int, action: str) -> subprocess.Popen[bytes]:
+    """Start ``ray-node.sh ACTION`` on worker node ``index`` through the launcher; do not wait."""
+    argv = ["/bin/bash", plan.node_script, action, str(job_dir.path), str(index)]
+    log_name = f"node-{index}.log" if action == "start" else f"{action}-{index}.log"
+    return spawn(launch_command(plan.launcher, plan.nodes[index], argv), job_dir.log(log_name))
+
+
 def launch_workers(plan: ClusterPlan, job_dir: JobDir) -> dict[int, subprocess.Popen[bytes]]:
-    """Start ``ray-node.sh start`` on every node but the head; return the launcher processes by node index."""
+    """Start every node but the head; return the launcher processes by node index."""
     launchers = {}
     for index, node in enumerate(plan.nodes[1:], start=1):
-        argv = ["/bin/bash", plan.node_script, "start", str(job_dir.path), str(index)]
-        command = launch_command(plan.launcher, node, argv)
-        log_path = job_dir.log(f"node-{index}.log")
-        logger.info("starting worker %d on %s (%s) with %s; log %s", index, node.host, node.address, plan.launcher, log_path)
-        launchers[index] = spawn(command, log_path)
+        logger.info("starting worker %d on %s (%s) with %s", index, node.host, node.address, plan.launcher)
+        launchers[index] = run_on_node(plan, job_dir, index, "start")
     job_dir.write_launchers({index: process.pid for index, process in launchers.items()})
     return launchers
+
+
+def relaunch_worker(
+    plan: ClusterPlan, job_dir: JobDir, launchers: dict[int, subprocess.Popen[bytes]], index: int, settings: ClusterSettings
+) -> None:
+    """Clear what a failed start left on node ``index`` and start the node again."""
+    stopper = run_on_node(plan, job_dir, index, "stop")
+    if not wait_until(lambda: stopper.poll() is not None, settings.stop_timeout_s, 0.5):
+        _end_process_group(stopper.pid)
+    launchers[index] = run_on_node(plan, job_dir, index, "start")
+    job_dir.write_launchers({index: process.pid for index, process in launchers.items()})
 
 
 def wait_for_nodes(
@@ -206,8 +228,10 @@ def wait_for_nodes(
 ) -> None:
     """Wait until every node of the plan is alive in the cluster.
 
-    Raises ClusterError at once when a node's launcher exits before the node joined, and
-    after ``settings.wait_timeout_s`` naming every node still missing.
+    A worker whose launcher exits before the node joined is started again, up to
+    ``settings.start_attempts`` starts in all; after that, ClusterError names the node and
+    shows the end of its log. After ``settings.wait_timeout_s``, ClusterError names every
+    node still missing.
     """
     # Ray reads RAY_AUTH_MODE when it is first imported, so set it before.
     os.environ.update(ray_environment(job_dir, {}))
@@ -218,19 +242,29 @@ def wait_for_nodes(
     except ConnectionError as error:
         raise ClusterError(f"cannot connect to the head at {plan.address}: {error}; see {job_dir.log('node-0.log')}") from None
     missing: list[int] = []
+    starts = dict.fromkeys(launchers, 1)
 
     def all_joined() -> bool:
         alive = {node["NodeManagerAddress"] for node in ray.nodes() if node["Alive"]}
         missing[:] = [index for index, node in enumerate(plan.nodes) if node.address not in alive]
         for index in missing:
             launcher = launchers.get(index)
-            if launcher is not None and launcher.poll() is not None:
-                node = plan.nodes[index]
-                log_path = job_dir.log(f"node-{index}.log")
+            if launcher is None or launcher.poll() is None:
+                continue
+            node = plan.nodes[index]
+            log_path = job_dir.log(f"node-{index}.log")
+            if starts[index] >= settings.start_attempts:
                 raise ClusterError(
                     f"node {node.host} ({node.address}) failed to join: its {plan.launcher} exited with "
-                    f"{launcher.returncode}. Last lines of {log_path}:\n{tail(log_path)}"
+                    f"{launcher.returncode} on start {starts[index]} of {settings.start_attempts}. "
+                    f"Last lines of {log_path}:\n{tail(log_path)}"
                 )
+            logger.warning(
+                "worker %d on %s (%s) exited with %d before joining; starting it again. Last lines of %s:\n%s",
+                index, node.host, node.address, launcher.returncode, log_path, tail(log_path, 3),
+            )
+            relaunch_worker(plan, job_dir, launchers, index, settings)
+            starts[index] += 1
         return not missing
 
     try:
@@ -284,10 +318,7 @@ def stop_cluster(job_dir: JobDir, settings: ClusterSettings) -> list[str]:
     problems = []
 
     # 1. Ask every worker node to stop its own processes, all at once.
-    stoppers = {}
-    for index, node in enumerate(plan.nodes[1:], start=1):
-        argv = ["/bin/bash", plan.node_script, "stop", str(job_dir.path), str(index)]
-        stoppers[index] = spawn(launch_command(plan.launcher, node, argv), job_dir.log(f"stop-{index}.log"))
+    stoppers = {index: run_on_node(plan, job_dir, index, "stop") for index in range(1, len(plan.nodes))}
     wait_until(lambda: all(p.poll() is not None for p in stoppers.values()), settings.stop_timeout_s, 0.5)
     for index, stopper in stoppers.items():
         node = plan.nodes[index]

@@ -29,6 +29,7 @@ class ClusterSettings:
     head_timeout_s: float = 180.0  # RAYWASTE_HEAD_TIMEOUT_S: max wait for `ray start --head`
     wait_timeout_s: float = 300.0  # RAYWASTE_WAIT_TIMEOUT_S: max wait for the workers to join
     wait_interval_s: float = 2.0  # RAYWASTE_WAIT_INTERVAL_S: pause between checks
+    start_attempts: int = 2  # RAYWASTE_START_ATTEMPTS: starts of a worker before the start fails
     stop_timeout_s: float = 30.0  # RAYWASTE_STOP_TIMEOUT_S: max wait for one node to stop
     stop_grace_s: float = 3.0  # RAYWASTE_STOP_GRACE_S: wait after SIGTERM before SIGKILL
     port_min: int = DEFAULT_PORT_MIN  # RAYWASTE_PORT_MIN: lowest port a job may use
@@ -53,6 +54,7 @@ class ClusterSettings:
             head_timeout_s=_number(environ, "RAYWASTE_HEAD_TIMEOUT_S", defaults.head_timeout_s),
             wait_timeout_s=_number(environ, "RAYWASTE_WAIT_TIMEOUT_S", defaults.wait_timeout_s),
             wait_interval_s=_number(environ, "RAYWASTE_WAIT_INTERVAL_S", defaults.wait_interval_s),
+            start_attempts=int(_number(environ, "RAYWASTE_START_ATTEMPTS", defaults.start_attempts)),
             stop_timeout_s=_number(environ, "RAYWASTE_STOP_TIMEOUT_S", defaults.stop_timeout_s),
             stop_grace_s=_number(environ, "RAYWASTE_STOP_GRACE_S", defaults.stop_grace_s),
             port_min=int(_number(environ, "RAYWASTE_PORT_MIN", defaults.port_min)),
@@ -90,6 +92,7 @@ class ClusterSettings:
             ("RAYWASTE_STOP_TIMEOUT_S", self.stop_timeout_s),
             ("RAYWASTE_STOP_GRACE_S", self.stop_grace_s),
             ("RAYWASTE_PORT_ATTEMPTS", self.port_attempts),
+            ("RAYWASTE_START_ATTEMPTS", self.start_attempts),
         ):
             if value <= 0:
                 raise ClusterError(f"invalid {name}={value}: it must be greater than 0")
