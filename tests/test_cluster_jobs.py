@@ -219,21 +219,25 @@ def ensure_stopped(job: SimulatedJob) -> None:
         subprocess.run([str(REPO / "cluster" / "stop-ray.sh"), str(job.job_dir)], env=job.env, capture_output=True, timeout=180)
 
 
-def leftover_processes(key: str) -> list[str]:
-    """Return the command lines of processes that name or hold files in the job's temp dirs."""
-    pattern = re.compile(rf"/tmp/rw{re.escape(key)}n\d+(/|$|\s)")
+def processes_matching(pattern: re.Pattern, open_files: bool = True) -> list[str]:
+    """Return "PID: command line" of the processes whose command line or open files match."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
             command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            targets = [os.readlink(fd) for fd in (entry / "fd").iterdir()]
+            targets = [os.readlink(fd) for fd in (entry / "fd").iterdir()] if open_files else []
         except OSError:
             continue
         if pattern.search(command) or any(pattern.search(target + " ") for target in targets):
             found.append(f"{entry.name}: {command[:120]}")
     return found
+
+
+def leftover_processes(key: str) -> list[str]:
+    """Return the processes that name or have files open in the job's temp dirs."""
+    return processes_matching(re.compile(rf"/tmp/rw{re.escape(key)}n\d+(/|$|\s)"))
 
 
 def run_driver(job: SimulatedJob, code: str, env: dict[str, str], timeout_s: float = 180) -> subprocess.CompletedProcess:
@@ -396,8 +400,7 @@ def test_unreachable_worker_times_out_naming_it(tmp_path, sim_home):
     assert f"timed out after 10 s waiting for 1 of 2 nodes to join: {UNREACHABLE_HOST} ({UNREACHABLE_HOST})" in result.stderr
     assert leftover_processes(job.key) == []
     # The hanging pbsdsh of the unreachable node was ended too.
-    stuck = subprocess.run(["pgrep", "-f", str(job.job_dir)], capture_output=True, text=True).stdout.split()
-    assert stuck == []
+    assert processes_matching(re.compile(re.escape(str(job.job_dir))), open_files=False) == []
 
 
 @pytest.mark.slow
