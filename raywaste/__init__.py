@@ -16,6 +16,6 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from raywaste.api import RunResult, evaluate, preprocess, run, tune  # noqa: E402
+from raywaste.api import RunResult, build_report, evaluate, predict, preprocess, run, tune  # noqa: E402
 
-__all__ = ["RunResult", "__version__", "evaluate", "preprocess", "run", "tune"]
+__all__ = ["RunResult", "__version__", "build_report", "evaluate", "predict", "preprocess", "run", "tune"]

@@ -65,6 +65,12 @@ class LoadReport:
     repeated_annotation_ids: dict[int, list[int]] = field(default_factory=dict)
     dropped_exact_duplicates: list[int] = field(default_factory=list)
     images_without_annotations: int = 0
+    unknown_image_references: dict[int, int] = field(default_factory=dict)
+    """Annotation id -> the image id it refers to, for image ids not in the file."""
+    unknown_category_references: dict[int, int] = field(default_factory=dict)
+    """Annotation id -> the category id it refers to, for category ids not in the file."""
+    errors: list[str] = field(default_factory=list)
+    """Problems that make the file invalid. ``strict=False`` collects them here and skips the entries."""
 
 
 @dataclass
@@ -111,12 +117,15 @@ class Taco:
         raise AnnotationsError(f"unknown category {name!r} in {self.path}")
 
 
-def load_annotations(path: str | Path) -> Taco:
+def load_annotations(path: str | Path, strict: bool = True) -> Taco:
     """Read, validate and index a TACO ``annotations.json``.
 
     Raises :class:`AnnotationsError` that names the file and every offending id when
     the file is unreadable, entries lack required fields, ids repeat where they must
     be unique, or an annotation points to an image or category that does not exist.
+    With ``strict=False`` only an unreadable file or one that is not COCO raises. The
+    other problems are listed in ``report.errors`` and their entries are left out,
+    so that ``raywaste inspect`` can show every finding of a broken file at once.
     """
     path = Path(path)
     try:
@@ -135,11 +144,14 @@ def load_annotations(path: str | Path) -> Taco:
     errors: list[str] = []
     categories = _index_categories(document["categories"], errors)
     images = _index_images(document["images"], errors)
-    _raise_if_any(path, errors)
+    if strict:
+        _raise_if_any(path, errors)
 
     report = LoadReport()
     annotations = _read_annotations(document["annotations"], images, categories, report, errors)
-    _raise_if_any(path, errors)
+    if strict:
+        _raise_if_any(path, errors)
+    report.errors = errors
 
     scene_categories = {
         int(entry["id"]): str(entry["name"])
@@ -176,6 +188,7 @@ def _index_categories(entries: list[Any], errors: list[str]) -> dict[int, Catego
             continue
         if category.id in categories:
             errors.append(f"category id {category.id} occurs twice ({categories[category.id].name!r}, {category.name!r})")
+            continue
         categories[category.id] = category
 
     names: dict[str, int] = {}
@@ -197,7 +210,8 @@ def _index_images(entries: list[Any], errors: list[str]) -> dict[int, ImageInfo]
             continue
         if image.id in images:
             errors.append(f"image id {image.id} occurs twice ({images[image.id].file_name}, {image.file_name})")
-        elif image.width <= 0 or image.height <= 0:
+            continue
+        if image.width <= 0 or image.height <= 0:
             errors.append(f"image id {image.id} ({image.file_name}) has a non-positive size {image.width}x{image.height}")
         images[image.id] = image
     return images
@@ -227,9 +241,11 @@ def _read_annotations(
             continue
         if image_id not in images:
             errors.append(f"annotation id {annotation_id} refers to image id {image_id}, which is not in the file")
+            report.unknown_image_references[annotation_id] = image_id
             continue
         if category_id not in categories:
             errors.append(f"annotation id {annotation_id} refers to category id {category_id}, which is not in the file")
+            report.unknown_category_references[annotation_id] = category_id
             continue
         if not all(math.isfinite(value) for value in (x, y, width, height)) or width <= 0 or height <= 0:
             errors.append(f"annotation id {annotation_id} (image id {image_id}) has an invalid box {[x, y, width, height]}: width and height must be positive")
@@ -305,6 +321,8 @@ def _log_report(path: Path, report: LoadReport) -> None:
     if report.dropped_exact_duplicates:
         log.warning("%s: dropped %d exact duplicate annotation(s) (ids %s)",
                     path, len(report.dropped_exact_duplicates), _short_list(report.dropped_exact_duplicates))
+    if report.errors:
+        log.warning("%s: left out the entries of %d problem(s); the first: %s", path, len(report.errors), report.errors[0])
 
 
 def _short_list(values: list[int], limit: int = 10) -> str:

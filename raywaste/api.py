@@ -17,8 +17,10 @@ from typing import Any
 
 from raywaste.evaluation import EvaluationResult
 from raywaste.evaluation import evaluate as _evaluate
+from raywaste.prediction import predict
 from raywaste.preprocessing import PreprocessResult, PreprocessSettings, RunOptions, settings_with
 from raywaste.preprocessing import preprocess as _preprocess
+from raywaste.reporting import build_report
 from raywaste.runtime import ray_session
 from raywaste.splits import SplitFractions
 from raywaste.tuning import TuneResult, TuneSettings
@@ -32,6 +34,8 @@ class RunResult:
     preprocess: PreprocessResult
     tune: TuneResult
     evaluate: EvaluationResult
+    report: Path | None = None
+    """``OUT/report.html``."""
 
 
 def preprocess(
@@ -93,13 +97,13 @@ def run(
     overwrite: bool = False,
     address: str | None = None,
 ) -> RunResult:
-    """Run preprocess, tune and evaluate on one Ray session."""
+    """Run preprocess, tune and evaluate on one Ray session, then write ``out_dir/report.html``."""
     options = options or RunOptions(overwrite=overwrite)
     with ray_session(address):
         prepared = _preprocess(taco_dir, out_dir, preprocess_settings or PreprocessSettings(), annotations=annotations, options=options)
         tuned = _tune(out_dir, tune_settings or TuneSettings(), search_space=search_space, overwrite=overwrite)
     evaluated = _evaluate(out_dir)
-    return RunResult(prepared, tuned, evaluated)
+    return RunResult(prepared, tuned, evaluated, build_report(out_dir))
 
 
 def _with_changes(settings: Any, changes: dict[str, Any]) -> Any:

@@ -14,8 +14,10 @@ from pathlib import Path
 import click
 
 from raywaste import __version__
+from raywaste.baselines import DenseBaselineSettings
 from raywaste.download import DEFAULT_ANNOTATIONS_URL, SIZES, DownloadSettings
 from raywaste.images import COLOR_MODES, SQUARE_MODES, ImageSettings
+from raywaste.inspection import DEFAULT_SAMPLES
 from raywaste.preprocessing import PreprocessSettings, RunOptions
 from raywaste.splits import SplitError, SplitFractions
 from raywaste.tasks import DEFAULT_TASK
@@ -109,13 +111,15 @@ def _handle_errors(function: Callable) -> Callable:
         from raywaste.annotations import AnnotationsError
         from raywaste.dataset import DatasetError
         from raywaste.evaluation import EvaluationError
+        from raywaste.prediction import PredictionError
         from raywaste.preprocessing import PreprocessError
         from raywaste.tasks import TaskError
         from raywaste.tuning import TuningError
 
+        expected = (AnnotationsError, DatasetError, EvaluationError, PredictionError, PreprocessError, TaskError, TuningError, SplitError)
         try:
             return function(*args, **kwargs)
-        except (AnnotationsError, DatasetError, EvaluationError, PreprocessError, TaskError, TuningError, SplitError) as error:
+        except expected as error:
             raise click.ClickException(str(error)) from None
 
     return wrapper
@@ -190,12 +194,94 @@ def tune(out, seed, overwrite, address, num_cpus, **params):
 @click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--model", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Model to evaluate (default: OUT/best_model.keras).")
+@click.option("--baseline-epochs", type=click.IntRange(min=0), default=DenseBaselineSettings().epochs, show_default=True,
+              help="Training epochs of the dense-network baseline (0: leave it out).")
 @_handle_errors
-def evaluate(out, model):
-    """Score the best model on the test split; write OUT/metrics.json and the confusion matrix."""
+def evaluate(out, model, baseline_epochs):
+    """Score the best model on the test split beside baselines; write OUT/metrics.json and figures."""
+    from raywaste.evaluation import EvaluationSettings
     from raywaste.evaluation import evaluate as run_evaluate
 
-    run_evaluate(out, model_path=model)
+    run_evaluate(out, model_path=model, settings=EvaluationSettings(dense_baseline=DenseBaselineSettings(epochs=baseline_epochs)))
+
+
+@main.command()
+@click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@_handle_errors
+def report(out):
+    """Write OUT/report.html: dataset, splits, tuning and test evaluation on one page."""
+    from raywaste.reporting import build_report
+
+    click.echo(f"report written to {build_report(out)}")
+
+
+@main.command()
+@click.argument("annotations", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--plots", "plots_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write bar charts and a grid of sample photos as PNG files into this folder.")
+@click.option("--images", "images_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Folder that the file names in ANNOTATIONS are relative to (default: the folder of ANNOTATIONS).")
+@click.option("--samples", type=click.IntRange(min=0), default=DEFAULT_SAMPLES, show_default=True,
+              help="Photos in the sample grid (0: no grid).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON instead of tables.")
+@_handle_errors
+def inspect(annotations, plots_dir, images_dir, samples, as_json):
+    """Summarize a COCO annotations file: counts, box sizes, scene tags and validation findings.
+
+    Unlike the other commands, inspect reports every problem of an invalid file instead
+    of stopping at it, and exits with status 1 when the file would not pass preprocessing.
+    """
+    import json
+
+    from raywaste.inspection import count_photos, format_summary, inspect_annotations, write_plots
+
+    taco, summary = inspect_annotations(annotations)
+    photos_root = (images_dir or annotations.parent).resolve()
+    photos = count_photos(taco, photos_root)
+    if photos["found"] or images_dir is not None:
+        summary.photos = photos
+    click.echo(json.dumps(summary.to_dict(), indent=2) if as_json else format_summary(summary))
+
+    if plots_dir is not None:
+        written = write_plots(taco, summary, plots_dir, photos_root if photos["found"] else None, samples)
+        if not photos["found"] and samples:
+            click.echo(f"no photos found under {photos_root}, so no sample grid; pass --images DIR", err=True)
+        click.echo(f"{len(written)} plot(s) written to {plots_dir}: {', '.join(path.name for path in written)}", err=as_json)
+    if summary.findings.errors:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("model", type=click.Path(exists=True, path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--annotations", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="COCO annotations that list the photos and their boxes; crop tasks classify every box.")
+@click.option("--whole-image", is_flag=True, help="Crop tasks: classify each whole photo as one box instead of its annotated boxes.")
+@click.option("--top-k", type=click.IntRange(min=1), default=3, show_default=True, help="Classes to show per photo or box.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document with all predictions and errors.")
+@_handle_errors
+def predict(model, images, annotations, whole_image, top_k, as_json):
+    """Classify photos (files or folders) with MODEL, a .keras file or an OUT folder.
+
+    The photos are preprocessed with the settings saved beside the model. A photo that
+    cannot be read is reported and the others are still classified; the exit status is
+    1 when any failed.
+    """
+    import json
+
+    from raywaste.prediction import format_predictions
+    from raywaste.prediction import predict as run_predict
+
+    result = run_predict(model, list(images), annotations=annotations, whole_image=whole_image, top_k=top_k)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        if result.predictions:
+            click.echo(format_predictions(result))
+        for error in result.errors:
+            click.echo(f"error: {error.describe()}", err=True)
+    if result.errors:
+        sys.exit(1)
 
 
 @main.command()
@@ -209,9 +295,10 @@ def evaluate(out, model):
 @_num_cpus_option
 @_handle_errors
 def run(taco_dir, out, seed, overwrite, address, num_cpus, **params):
-    """Preprocess TACO_DIR, tune, and evaluate on the test split, all into OUT."""
+    """Preprocess TACO_DIR, tune, evaluate on the test split and write OUT/report.html."""
     from raywaste.evaluation import evaluate as run_evaluate
     from raywaste.preprocessing import preprocess as run_preprocess
+    from raywaste.reporting import build_report
     from raywaste.runtime import ray_session
     from raywaste.tuning import tune as run_tune
 
@@ -220,6 +307,7 @@ def run(taco_dir, out, seed, overwrite, address, num_cpus, **params):
         run_preprocess(taco_dir, out, settings, annotations=annotations, options=options)
         run_tune(out, _tune_settings(params, seed), overwrite=overwrite)
     run_evaluate(out)
+    click.echo(f"report written to {build_report(out)}")
 
 
 @main.command()

@@ -9,7 +9,7 @@ Layout under ``OUT/data/``::
     train/ val/ test/   Parquet files ``part-NNNNNN.parquet``, rows sorted by
                         (image id, annotation id) when read in name order
 
-Every Parquet row is one example (see :data:`SCHEMA`). ``image`` holds
+Every Parquet row is one example (see :data:`SCHEMA`). ``image`` contains
 ``image_size * image_size * channels`` uint8 bytes in row-major (height, width,
 channel) order, so with NumPy::
 

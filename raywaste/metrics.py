@@ -46,27 +46,59 @@ def macro_f1(true_labels: np.ndarray, predicted_labels: np.ndarray, num_classes:
     return float(scores["f1"][present].mean()) if present.any() else 0.0
 
 
+def precision_recall_curve(true_binary: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return precision, recall and thresholds, from the highest threshold to the lowest.
+
+    Entry ``k`` counts an example as positive when its score is at least
+    ``thresholds[k]``; there is one entry per distinct score. Recall is 0 everywhere
+    when there are no positives.
+    """
+    true_binary = np.asarray(true_binary).astype(bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    if true_binary.shape != scores.shape:
+        raise ValueError(f"labels and scores differ in shape: {true_binary.shape} and {scores.shape}")
+    order = np.argsort(-scores, kind="mergesort")
+    sorted_scores = scores[order]
+    hits = true_binary[order]
+    # Thresholds sit at the last index of each run of equal scores.
+    last_of_run = np.r_[np.nonzero(np.diff(sorted_scores))[0], len(sorted_scores) - 1] if len(scores) else np.array([], dtype=np.int64)
+    true_positive_counts = np.cumsum(hits)[last_of_run]
+    predicted_counts = last_of_run + 1
+    precision = true_positive_counts / predicted_counts
+    positives = int(true_binary.sum())
+    recall = true_positive_counts / positives if positives else np.zeros(len(last_of_run))
+    return precision, recall, sorted_scores[last_of_run]
+
+
 def average_precision(true_binary: np.ndarray, scores: np.ndarray) -> float:
     """Area under the precision-recall curve as a step sum (scikit-learn's definition).
 
     Returns 0.0 when there are no positives.
     """
-    true_binary = np.asarray(true_binary).astype(bool)
-    scores = np.asarray(scores, dtype=np.float64)
-    positives = int(true_binary.sum())
-    if positives == 0:
+    if not np.asarray(true_binary).astype(bool).any():
         return 0.0
-    order = np.argsort(-scores, kind="mergesort")
-    sorted_scores = scores[order]
-    hits = true_binary[order]
-    # Thresholds sit at the last index of each run of equal scores.
-    last_of_run = np.r_[np.nonzero(np.diff(sorted_scores))[0], len(sorted_scores) - 1]
-    true_positive_counts = np.cumsum(hits)[last_of_run]
-    predicted_counts = last_of_run + 1
-    precision = true_positive_counts / predicted_counts
-    recall = true_positive_counts / positives
+    precision, recall, _ = precision_recall_curve(true_binary, scores)
     recall_steps = np.diff(np.r_[0.0, recall])
     return float(np.sum(recall_steps * precision))
+
+
+def best_f1_threshold(true_binary: np.ndarray, scores: np.ndarray, preferred: float = 0.5) -> tuple[float, float] | None:
+    """Return the threshold with the highest F1 of the positive class, and that F1.
+
+    The candidates are the distinct scores (an example is positive when its score is at
+    least the threshold). Among equal F1 the threshold closest to ``preferred`` wins, so
+    the choice moves away from the usual 0.5 only for a gain. Returns None when there
+    are no positives, since F1 is 0 at every threshold then.
+    """
+    if not np.asarray(true_binary).astype(bool).any():
+        return None
+    precision, recall, thresholds = precision_recall_curve(true_binary, scores)
+    denominator = precision + recall
+    f1 = np.divide(2 * precision * recall, denominator, out=np.zeros_like(precision), where=denominator > 0)
+    best = f1.max()
+    candidates = np.nonzero(np.isclose(f1, best, rtol=0.0, atol=1e-12))[0]
+    chosen = candidates[np.argmin(np.abs(thresholds[candidates] - preferred))]
+    return float(thresholds[chosen]), float(f1[chosen])
 
 
 def classification_report(true_labels: np.ndarray, predicted_labels: np.ndarray, class_names: list[str]) -> dict[str, Any]:

@@ -119,3 +119,53 @@ def test_missing_and_invalid_files(tmp_path):
     not_coco.write_text("[]")
     with pytest.raises(AnnotationsError, match="not a COCO annotations file"):
         load_annotations(not_coco)
+
+
+def broken_coco(path: Path) -> Path:
+    """A file with one problem of each kind the loader finds, beside valid entries."""
+    images = [
+        {"id": 1, "file_name": "batch_1/a.jpg", "width": 100, "height": 80},
+        {"id": 1, "file_name": "batch_1/b.jpg", "width": 100, "height": 80},
+        {"id": 2, "file_name": "batch_1/c.jpg", "width": 100, "height": 80},
+    ]
+    categories = [{"id": 0, "name": "Glass bottle", "supercategory": "Bottle"}]
+    annotations = [
+        {"id": 10, "image_id": 1, "category_id": 0, "bbox": [-1, 5, 20, 20]},
+        {"id": 11, "image_id": 1, "category_id": 42, "bbox": [0, 0, 5, 5]},
+        {"id": 12, "image_id": 99, "category_id": 0, "bbox": [0, 0, 5, 5]},
+        {"id": 13, "image_id": 2, "category_id": 0, "bbox": [0, 0, 0, 5]},
+        {"id": 14, "image_id": 2, "category_id": 0, "bbox": [1, 1, 5, 5]},
+        {"id": 14, "image_id": 2, "category_id": 0, "bbox": [2, 2, 5, 5]},
+    ]
+    return write_coco(path, images, annotations, categories)
+
+
+def test_non_strict_collects_every_problem(tmp_path):
+    taco = load_annotations(broken_coco(tmp_path / "broken.json"), strict=False)
+    errors = taco.report.errors
+    assert len(errors) == 5
+    assert any("image id 1 occurs twice" in message for message in errors)
+    assert any("annotation id 11 refers to category id 42" in message for message in errors)
+    assert any("annotation id 12 refers to image id 99" in message for message in errors)
+    assert any("annotation id 13 (image id 2) has an invalid box" in message for message in errors)
+    assert any("annotation id 14 occurs twice on image id 2" in message for message in errors)
+    assert taco.report.unknown_category_references == {11: 42}
+    assert taco.report.unknown_image_references == {12: 99}
+
+
+def test_non_strict_keeps_valid_entries(tmp_path):
+    taco = load_annotations(broken_coco(tmp_path / "broken.json"), strict=False)
+    assert taco.images[1].file_name == "batch_1/a.jpg"
+    assert sorted(taco.images) == [1, 2]
+    assert sorted(a.id for a in taco.annotations) == [10, 14]
+    assert taco.report.clipped_boxes == [10]
+    assert taco.annotations_of(1)[0].bbox == (0.0, 5.0, 19.0, 20.0)
+
+
+def test_strict_raises_on_same_file(tmp_path):
+    with pytest.raises(AnnotationsError, match="image id 1 occurs twice"):
+        load_annotations(broken_coco(tmp_path / "broken.json"))
+
+
+def test_official_file_has_no_errors(taco_official):
+    assert load_annotations(taco_official, strict=False).report.errors == []
