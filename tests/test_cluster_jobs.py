@@ -274,6 +274,8 @@ def running_job(tmp_path_factory, sim_home):
 # --- tests --------------------------------------------------------------------------
 
 
+# The module's first test also pays for starting the shared cluster, so it takes minutes.
+@pytest.mark.slow
 def test_env_check_job_three_nodes(running_job):
     output = running_job.output.read_text()
     for host in HOSTS:
@@ -386,6 +388,7 @@ def test_second_job_survives_first_stop(running_job, tmp_path, sim_home):
     assert leftover_processes(other.key) == []
 
 
+@pytest.mark.slow
 def test_unreachable_worker_times_out_naming_it(tmp_path, sim_home):
     job = simulated_job(
         tmp_path, sim_home, (HOSTS[0], UNREACHABLE_HOST), JOB_BASE + 2,
