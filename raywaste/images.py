@@ -158,6 +158,7 @@ def read_examples(
     ``boxes`` are ``(x, y, width, height)`` in annotated pixels, displayed orientation.
     Each result is a ``(size, size, channels)`` uint8 array or an :class:`ExampleError`.
     """
+    decoder = jpeg_decoder_name()  # raises on an invalid RAYWASTE_JPEG_DECODER, before any photo is blamed
     path = resolve_photo(root, file_name)
     if isinstance(path, ExampleError):
         return [path] * len(boxes), PhotoInfo()
@@ -177,7 +178,7 @@ def read_examples(
             # settings.max_pixels is the limit that counts; Pillow's warning at its own,
             # lower limit would otherwise be printed once per worker.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return _read_photo(path, data, annotated_size, boxes, settings)
+            return _read_photo(path, data, annotated_size, boxes, settings, decoder)
     except Image.DecompressionBombError as error:
         return [ExampleError("decompression_bomb", f"{path}: {error}")] * len(boxes), PhotoInfo()
     except UnidentifiedImageError:
@@ -188,7 +189,7 @@ def read_examples(
 
 
 def _read_photo(
-    path: Path, data: bytes, annotated_size: tuple[int, int], boxes: list[Box | None], settings: ImageSettings
+    path: Path, data: bytes, annotated_size: tuple[int, int], boxes: list[Box | None], settings: ImageSettings, decoder: str
 ) -> tuple[list[np.ndarray | ExampleError], PhotoInfo]:
     with Image.open(io.BytesIO(data)) as image:
         stored_width, stored_height = image.size
@@ -217,7 +218,7 @@ def _read_photo(
             return plans, PhotoInfo(orientation, (stored_width, stored_height), scale)
         is_jpeg = image.format in JPEG_FORMATS
         factor = _draft_factor(plans, settings) if is_jpeg and settings.draft else 1
-        pixels = _decode(image, data, factor, settings.color_mode) if is_jpeg else _PillowPixels(image, "pillow")
+        pixels = _decode(image, data, factor, settings.color_mode, decoder) if is_jpeg else _PillowPixels(image, "pillow")
         pixels.load()
 
         # The decoder rounds a reduced side up, so the factors are measured per axis.
@@ -282,7 +283,7 @@ class _ArrayPixels:
         return Image.fromarray(np.ascontiguousarray(self.array[y0:y1, x0:x1]))
 
 
-def _decode(image: Image.Image, data: bytes, factor: int, color_mode: str) -> _PillowPixels | _ArrayPixels:
+def _decode(image: Image.Image, data: bytes, factor: int, color_mode: str, decoder: str) -> _PillowPixels | _ArrayPixels:
     """Decode a JPEG at 1/``factor`` of its size, straight to luma when grayscale is requested.
 
     Grayscale comes from the JPEG's own Y channel at every scale, so the result does not
@@ -291,7 +292,7 @@ def _decode(image: Image.Image, data: bytes, factor: int, color_mode: str) -> _P
     width, height = image.size
     gray = color_mode == "grayscale"
     # YCbCr and grayscale JPEGs; CMYK and YCCK go through Pillow's conversion instead.
-    if image.mode in ("RGB", "L") and jpeg_decoder_name() == "simplejpeg":
+    if image.mode in ("RGB", "L") and decoder == "simplejpeg":
         import simplejpeg
 
         try:
