@@ -138,10 +138,14 @@ Box = tuple[float, float, float, float]
 
 
 def resolve_photo(root: Path, file_name: str) -> Path | ExampleError:
-    """Return the photo's path under ``root``, or an error if ``file_name`` escapes it."""
+    """Return the photo's path under ``root``, or an error if ``file_name`` escapes it.
+
+    The check is on the name (absolute paths and ``..`` components), not on where symbolic
+    links inside ``root`` point, so a dataset folder may link to photos stored elsewhere.
+    """
     root = root.resolve()
-    path = (root / file_name).resolve()
-    if not path.is_relative_to(root):
+    path = Path(os.path.normpath(root / file_name))
+    if Path(file_name).is_absolute() or not path.is_relative_to(root):
         return ExampleError("outside_root", f"file_name {file_name!r} points outside the dataset folder {root}; fix annotations.json")
     return path
 
