@@ -1,0 +1,53 @@
+"""Preprocess one TACO folder on a 1-CPU local Ray, then on a head and two worker nodes.
+
+Run by tests/test_multinode.py in its own process, because a process holds one Ray
+connection and the test session already has one. Usage:
+
+    python tests/multinode_run.py TACO_DIR ANNOTATIONS OUT_ROOT RESULT_JSON
+
+Writes OUT_ROOT/one-cpu and OUT_ROOT/three-nodes, and RESULT_JSON with the node ids of
+the cluster. Set RAY_TMPDIR to a private folder so that these clusters' sessions and
+address files stay out of other Ray users' way.
+"""
+
+import json
+import sys
+
+import ray
+from ray.cluster_utils import Cluster
+
+import raywaste
+from raywaste.preprocessing import RunOptions
+
+
+def preprocess(taco_dir: str, annotations: str, out: str, photos_per_task: int) -> None:
+    raywaste.preprocess(taco_dir, out, annotations=annotations, task="supercategory", size=32, padding=0.1,
+                        fractions="0.6,0.2,0.2", options=RunOptions(photos_per_task=photos_per_task))
+
+
+def main() -> None:
+    taco_dir, annotations, out_root, result_path = sys.argv[1:5]
+
+    ray.init(num_cpus=1, include_dashboard=False, logging_level="WARNING")
+    try:
+        preprocess(taco_dir, annotations, f"{out_root}/one-cpu", photos_per_task=5)
+    finally:
+        ray.shutdown()
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        for _ in range(2):
+            cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, logging_level="WARNING")
+        node_ids = sorted(node["NodeID"] for node in ray.nodes() if node["Alive"])
+        preprocess(taco_dir, annotations, f"{out_root}/three-nodes", photos_per_task=1)
+        ray.shutdown()
+    finally:
+        cluster.shutdown()
+    with open(result_path, "w") as handle:
+        json.dump({"node_ids": node_ids}, handle)
+
+
+if __name__ == "__main__":
+    main()
