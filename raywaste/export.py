@@ -104,7 +104,7 @@ def _write_split(
                 pixels = batch_images(batch.column("image"), input_shape, f"{path} row {file_row}")
                 end = row + len(pixels)
                 if end > count:
-                    raise DatasetError(f"{path} has more rows than its metadata says; preprocess again")
+                    raise DatasetError(f"{path} has more rows than its Parquet metadata lists; preprocess again")
                 images[row:end] = pixels if dtype == np.uint8 else pixels.astype(np.float32) / np.float32(255)
                 labels[row:end] = batch.column("label").to_numpy(zero_copy_only=False)
                 row, file_row = end, file_row + len(pixels)

@@ -8,8 +8,8 @@ For each photo, :func:`read_examples`:
 2. reads the EXIF orientation and matches the displayed size to the annotated one,
    allowing one uniform scale factor (TACO's 640-pixel Flickr variants);
 3. picks the coarsest JPEG DCT scale (1/1 to 1/8) at which every crop still has at least
-   the output resolution, and decodes the photo once at that scale, with simplejpeg when
-   it is installed and Pillow otherwise (both wrap libjpeg-turbo and give the same pixels);
+   the output resolution, and decodes the photo once at that scale. simplejpeg decodes when
+   it is installed, Pillow otherwise; both wrap libjpeg-turbo and give the same pixels;
 4. cuts each crop's region from the stored pixels and turns only that region upright, so
    boxes (which TACO gives in the displayed orientation) line up with the pixels;
 5. converts each region to RGB or grayscale and resizes it to a square.
@@ -57,7 +57,7 @@ JPEG_FORMATS = ("JPEG", "MPO")
 
 # "auto" (simplejpeg when importable, else Pillow), "pillow" or "simplejpeg". Both decode
 # with libjpeg-turbo's default integer IDCT and smooth chroma upsampling, so they return the
-# same pixels (benchmarks/jpeg_decoders.py checks this); simplejpeg is 5-15% faster.
+# same pixels, as benchmarks/jpeg_decoders.py checks. simplejpeg decodes up to 15% faster.
 JPEG_DECODER_ENV = "RAYWASTE_JPEG_DECODER"
 JPEG_DECODERS = ("auto", "pillow", "simplejpeg")
 

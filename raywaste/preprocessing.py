@@ -273,7 +273,7 @@ def _start_autoscaling_coordinator() -> None:
     """Start Ray Data's autoscaling coordinator now, while the annotations load.
 
     Ray Data 2.60 learns how many CPUs the cluster has from this actor, which it starts on
-    the first dataset of a Ray session. Until the actor answers, the executor counts zero
+    the first dataset of a Ray session. Until the actor replies, the executor counts zero
     CPUs and runs one task at a time ("Tasks: 1 [backpressured:tasks(ResourceBudget)]"),
     for several seconds on a loaded machine. Starting the actor early shortens that phase.
     """
@@ -314,7 +314,7 @@ def process_groups(batch: pa.Table, taco_dir: str, image_settings: dict, errors_
 
     Failed examples are written as JSON lines to ``errors_dir`` (one file per group,
     replaced atomically, so a retried task leaves no duplicates) and left out of the rows.
-    With ``tasks_dir``, one JSON record per group says where and how fast it ran.
+    With ``tasks_dir``, one JSON record per group records where and how fast it ran.
     """
     settings = ImageSettings(**image_settings)
     root = Path(taco_dir)

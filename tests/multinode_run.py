@@ -1,6 +1,6 @@
 """Preprocess one TACO folder on a 1-CPU local Ray, then on a head and two worker nodes.
 
-Run by tests/test_multinode.py in its own process, because a process holds one Ray
+Run by tests/test_multinode.py in its own process, because a process has one Ray
 connection and the test session already has one. Usage:
 
     python tests/multinode_run.py TACO_DIR ANNOTATIONS OUT_ROOT RESULT_JSON

@@ -253,8 +253,8 @@ def test_jpeg_orientation_matches_upright_file(tmp_path, real_upright, orientati
     # Two JPEG files of the same photo in different orientations are different files: the
     # encoder and the decoder's integer IDCT and chroma upsampling round differently along
     # rows and columns. Measured on this photo at quality 90: at most 3 levels apart in a
-    # pixel and 0.2 on average, so the bounds below leave room for other libjpeg builds
-    # while a misplaced or mirrored crop (tens of levels on average) still fails.
+    # pixel and 0.2 on average. The bounds below leave room for other libjpeg builds, and a
+    # misplaced or mirrored crop (tens of levels on average) still fails them.
     settings = ImageSettings(size=64, padding=0.1, square="context")
     save_tagged_jpeg(real_upright, tmp_path / "upright.jpg", 1)
     save_tagged_jpeg(real_upright, tmp_path / "tagged.jpg", orientation)

@@ -37,7 +37,7 @@ BAD_PHOTOS = {
 
 
 def png_header_only(path: Path, width: int, height: int) -> None:
-    """A PNG that claims ``width`` x ``height`` pixels but holds almost no data: a decompression bomb."""
+    """A PNG that claims ``width`` x ``height`` pixels but contains almost no data: a decompression bomb."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
