@@ -88,8 +88,8 @@ class ImageSettings:
     max_pixels: int = 100_000_000
     """Photos with more pixels than this are rejected as possible decompression bombs.
 
-    Pillow has its own limit (``Image.MAX_IMAGE_PIXELS``, about 89 million pixels), of which
-    only twice the value is enforced here; raise both to read larger photos."""
+    Pillow also rejects photos above twice its own ``Image.MAX_IMAGE_PIXELS`` (about 179
+    million pixels in all), so a larger ``max_pixels`` needs that raised too."""
     draft: bool = True
     """Let the JPEG decoder shrink by 2, 4 or 8 when every crop keeps the output size."""
 
