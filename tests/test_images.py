@@ -215,16 +215,21 @@ def decoded_upright(jpeg: Path, factor: int, mode: str, target: Path) -> Path:
     return target
 
 
+@pytest.mark.parametrize("decoder", ["pillow", "simplejpeg"])
 @pytest.mark.parametrize("boxes, factor", [(LARGE_BOXES, 8), (SMALL_BOXES, 1)], ids=["scale-1/8", "scale-1/1"])
 @pytest.mark.parametrize("orientation", range(1, 9))
-def test_jpeg_orientation_exact(tmp_path, real_upright, orientation, boxes, factor):
+def test_jpeg_orientation_exact(tmp_path, monkeypatch, real_upright, orientation, boxes, factor, decoder):
     # The crops of a tagged JPEG equal, bit for bit, the crops of the upright view of the
     # same decoded pixels: the orientation step adds no error, also with DCT scaling.
+    if decoder == "simplejpeg":
+        pytest.importorskip("simplejpeg")
+    monkeypatch.setenv("RAYWASTE_JPEG_DECODER", decoder)
     settings = ImageSettings(size=64, padding=0.1, square="context")
     tagged = save_tagged_jpeg(real_upright, tmp_path / "tagged.jpg", orientation)
     actual, info = read_examples(tmp_path, "tagged.jpg", REAL_SIZE, boxes, settings)
     assert info.orientation == orientation
     assert info.draft_factor == factor
+    assert info.decoder == decoder
 
     decoded_upright(tagged, factor, "RGB", tmp_path / "upright.tiff")
     expected, reference = read_examples(tmp_path, "upright.tiff", REAL_SIZE, boxes, settings)
