@@ -10,9 +10,10 @@ The photos are not copied: a synthetic annotations.json lists every photo ``--re
 times under new image and annotation ids, all pointing to the same files. Each variant
 reports photos (decode jobs) and examples per second, the CPU seconds of its own
 process, and the peak memory of all processes involved (the benchmark process and its
-children: pool workers, or Ray's GCS, raylet and workers), sampled every 0.2 s. PSS
-counts pages shared between processes (Ray's object store, libraries) once; the RSS sum
-counts them once per process.
+children: pool workers, or Ray's GCS, raylet and workers). The RSS sum is sampled every
+0.2 s and counts pages shared between processes (Ray's object store, libraries) once per
+process. PSS counts them once, but reading it makes the kernel walk every mapping, which
+costs about 10 ms of CPU per Ray process, so it is sampled only every 2 s.
 
 Usage: python benchmarks/preprocess_speed.py TACO_DIR [--repeat 10] [--task binary:Bottle]
            [--size 128] [--variants a,b,c,d] [--memory-scale 4] [--num-cpus N]
@@ -44,6 +45,7 @@ from raywaste.images import ImageSettings, jpeg_decoder_name, read_examples
 from raywaste.tasks import build_examples
 
 SAMPLE_INTERVAL_S = 0.2
+PSS_INTERVAL_S = 2.0
 
 
 @dataclass
@@ -86,20 +88,25 @@ class PeakMemory:
         self.sample()
 
     def _run(self) -> None:
+        last_pss = time.monotonic()
         while not self._stop.wait(SAMPLE_INTERVAL_S):
-            self.sample()
+            with_pss = time.monotonic() - last_pss >= PSS_INTERVAL_S
+            self.sample(with_pss)
+            if with_pss:
+                last_pss = time.monotonic()
 
-    def sample(self) -> None:
+    def sample(self, with_pss: bool = True) -> None:
         me = psutil.Process()
         pss = rss = 0
         for process in [me, *me.children(recursive=True)]:
             try:
-                info = process.memory_full_info()
+                info = process.memory_full_info() if with_pss else process.memory_info()
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
             pss += getattr(info, "pss", info.rss)
             rss += info.rss
-        self.peak_pss = max(self.peak_pss, pss)
+        if with_pss:
+            self.peak_pss = max(self.peak_pss, pss)
         self.peak_rss = max(self.peak_rss, rss)
 
 
@@ -152,14 +159,18 @@ def _pool_read(job: Job) -> list:
 
 
 def measure(variant: str, jobs: list[Job], run) -> Measurement:
+    """Time ``run()`` and print its table row at once, so a long benchmark shows its progress."""
     load = machine.load_average()
     cpu_started = time.process_time()
     started = time.perf_counter()
     with PeakMemory() as memory:
         run()
     seconds = time.perf_counter() - started
-    return Measurement(variant, len(jobs), sum(len(job.boxes) for job in jobs), seconds, time.process_time() - cpu_started,
-                       memory.peak_pss / 2**20, memory.peak_rss / 2**20, load)
+    m = Measurement(variant, len(jobs), sum(len(job.boxes) for job in jobs), seconds, time.process_time() - cpu_started,
+                    memory.peak_pss / 2**20, memory.peak_rss / 2**20, load)
+    print(f"| {m.variant} | {m.photos} | {m.examples} | {m.seconds:.1f} | {m.photos / m.seconds:.1f} | {m.examples / m.seconds:.1f} "
+          f"| {m.cpu_seconds:.1f} | {m.peak_pss_mib:.0f} | {m.peak_rss_mib:.0f} | {m.load:.1f} |", flush=True)
+    return m
 
 
 def main() -> None:
@@ -171,7 +182,7 @@ def main() -> None:
     parser.add_argument("--variants", default="a,b,c,d", help="Which of a, b, c, d to run, in this order.")
     parser.add_argument("--memory-scale", type=int, default=4, help="Also run (d) on this many times the data (0: skip).")
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count(), help="Pool workers and Ray CPUs.")
-    parser.add_argument("--photos-per-task", type=int, default=8)
+    parser.add_argument("--photos-per-task", type=int, default=None, help="Photos per Ray task (default: raywaste's choice).")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -180,19 +191,22 @@ def main() -> None:
     annotations = repeated_annotations(root, args.repeat, work / "annotations.json")
     jobs = decode_jobs(annotations, args.task)
     settings = ImageSettings(size=args.size)
-    results: list[Measurement] = []
     variants = args.variants.split(",")
 
+    print(f"# {machine.command_line()}")
+    print(f"# {machine.describe()}; JPEG decoder {jpeg_decoder_name()}; task {args.task}, {args.size} px")
+    print("| variant | photos | examples | seconds | photos/s | examples/s | CPU s (own process) | peak PSS MiB | peak RSS sum MiB | load at start |")
+    print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
+
     if "a" in variants:
-        results.append(measure("(a) course loop", jobs, lambda: [course_loop(root, job, args.size) for job in jobs]))
+        measure("(a) course loop", jobs, lambda: [course_loop(root, job, args.size) for job in jobs])
     if "b" in variants:
-        results.append(measure("(b) read_examples", jobs, lambda: [read_examples(root, j.file_name, j.size, j.boxes, settings) for j in jobs]))
+        measure("(b) read_examples", jobs, lambda: [read_examples(root, j.file_name, j.size, j.boxes, settings) for j in jobs])
     if "c" in variants:
         # Like Ray's in (d), the workers' start-up is left out: one job per worker warms them.
         with multiprocessing.Pool(args.num_cpus, _pool_init, (str(root), settings)) as pool:
             pool.map(_pool_read, jobs[: args.num_cpus], chunksize=1)
-            results.append(measure(f"(c) pool, {args.num_cpus} workers", jobs,
-                                   lambda: list(pool.imap_unordered(_pool_read, jobs, chunksize=4))))
+            measure(f"(c) pool, {args.num_cpus} workers", jobs, lambda: list(pool.imap_unordered(_pool_read, jobs, chunksize=4)))
     if "d" in variants:
         import ray
 
@@ -208,17 +222,10 @@ def main() -> None:
             scaled = annotations if scale == 1 else repeated_annotations(root, args.repeat * scale, work / f"x{scale}.json")
             scaled_jobs = jobs if scale == 1 else decode_jobs(scaled, args.task)
             out = work / f"ray-x{scale}"
-            results.append(measure(f"(d) Ray Data, {args.num_cpus} CPUs, {scale}x data", scaled_jobs,
-                                   lambda: raywaste.preprocess(root, out, annotations=scaled, task=args.task, size=args.size, options=options)))
+            measure(f"(d) Ray Data, {args.num_cpus} CPUs, {scale}x data", scaled_jobs,
+                    lambda: raywaste.preprocess(root, out, annotations=scaled, task=args.task, size=args.size, options=options))
         ray.shutdown()
 
-    print(f"# {machine.command_line()}")
-    print(f"# {machine.describe()}; JPEG decoder {jpeg_decoder_name()}; task {args.task}, {args.size} px")
-    print("| variant | photos | examples | seconds | photos/s | examples/s | CPU s (own process) | peak PSS MiB | peak RSS sum MiB | load at start |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for m in results:
-        print(f"| {m.variant} | {m.photos} | {m.examples} | {m.seconds:.1f} | {m.photos / m.seconds:.1f} | {m.examples / m.seconds:.1f} "
-              f"| {m.cpu_seconds:.1f} | {m.peak_pss_mib:.0f} | {m.peak_rss_mib:.0f} | {m.load:.1f} |")
     print(f"# load average at the end: {machine.load_average():.1f}")
     shutil.rmtree(work, ignore_errors=True)
 

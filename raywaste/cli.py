@@ -83,8 +83,8 @@ _preprocess_options = _options(
                  help="Crop tasks: merge classes with fewer examples into 'Other' (0: never)."),
     click.option("--max-error-fraction", type=click.FloatRange(0, 1), default=_OPTIONS.max_error_fraction, show_default=True,
                  help="Fail when more than this fraction of examples cannot be read."),
-    click.option("--photos-per-task", type=click.IntRange(min=1), default=_OPTIONS.photos_per_task, show_default=True,
-                 help="Photos decoded by one Ray task."),
+    click.option("--photos-per-task", type=click.IntRange(min=1), default=None,
+                 help="Photos decoded by one Ray task. [default: about 4 tasks per CPU, at most 32 photos each]"),
 )
 
 _tune_options = _options(

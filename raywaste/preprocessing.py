@@ -19,6 +19,7 @@ import csv
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import socket
@@ -61,6 +62,15 @@ _STAGING_PREFIX = ".data-staging-"
 _OLD_PREFIX = ".data-old-"
 # Written into a staging folder while its run is alive: host name and process id.
 _OWNER_FILE = ".owner.json"
+# A staging folder without an owner file is removed only when older than this (seconds),
+# so a run that has just created its folder is never mistaken for a dead one.
+_UNOWNED_STAGING_AGE_S = 600
+# Automatic task size: about this many tasks per CPU of the cluster, for load balance, with
+# at most MAX_PHOTOS_PER_TASK photos each. A photo takes 15 to 60 ms of CPU (8-12 megapixels,
+# benchmarks/preprocess_speed.py), and Ray Data's driver spends about 50 ms per task, so
+# tasks of 32 photos keep that overhead to a few percent.
+TASKS_PER_CPU = 4
+MAX_PHOTOS_PER_TASK = 32
 
 
 class PreprocessError(RuntimeError):
@@ -92,12 +102,9 @@ class PreprocessSettings:
 class RunOptions:
     """Run options. None of them change the dataset's content."""
 
-    photos_per_task: int = 8
-    """Photos per Ray task: small enough to spread over many workers, large enough to amortize task overhead.
-
-    A task takes about 0.1 to 0.3 s of CPU per 8-12 megapixel photo, so 8 photos are a
-    second or two of work, while Ray Data's overhead per task and Parquet file is tens of
-    milliseconds."""
+    photos_per_task: int | None = None
+    """Photos per Ray task; None picks about TASKS_PER_CPU tasks per cluster CPU, at most
+    MAX_PHOTOS_PER_TASK photos each. The dataset is the same for any value."""
     max_error_fraction: float = 0.05
     """Fail the run when more than this fraction of examples could not be made."""
     overwrite: bool = False
@@ -145,7 +152,9 @@ def preprocess(
              task.task, len(task.examples), len(split_of), len(task.class_names))
 
     # 2. Work units: photos grouped by split, in (split, image id) order.
-    groups = _task_groups(taco, task, split_of, options.photos_per_task)
+    photos_per_task = options.photos_per_task or _automatic_photos_per_task(len(split_of))
+    groups = _task_groups(taco, task, split_of, photos_per_task)
+    log.info("%d photos in %d Ray tasks of up to %d photos", len(split_of), len(groups), photos_per_task)
 
     # 3. Ray Data decodes and writes into a staging folder beside the output.
     _remove_stale_staging(data_dir.parent)
@@ -222,6 +231,9 @@ def _remove_stale_staging(parent: Path) -> None:
         if owner is not None and (owner.get("host") != host or _process_alive(owner.get("pid"))):
             log.info("leaving %s: it belongs to process %s on %s", path, owner.get("pid"), owner.get("host"))
             continue
+        if owner is None and time.time() - path.stat().st_mtime < _UNOWNED_STAGING_AGE_S:
+            log.info("leaving %s: it has no owner file yet and may belong to a run that is starting", path)
+            continue
         log.warning("removing %s, left by a preprocessing run that did not finish", path)
         shutil.rmtree(path, ignore_errors=True)
     for path in sorted(parent.glob(f"{_OLD_PREFIX}*")):
@@ -267,6 +279,13 @@ def _task_groups(taco, task: TaskExamples, split_of: dict[int, str], photos_per_
         for start in range(0, len(photos), photos_per_task):
             groups.append({"split": split, "photos": photos[start:start + photos_per_task]})
     return groups
+
+
+def _automatic_photos_per_task(photo_count: int) -> int:
+    import ray
+
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return max(1, min(MAX_PHOTOS_PER_TASK, math.ceil(photo_count / (TASKS_PER_CPU * cpus))))
 
 
 def _start_autoscaling_coordinator() -> None:

@@ -270,13 +270,14 @@ def test_killed_run_leaves_old_dataset(mixed_run, tmp_path):
     live = target / ".data-staging-live"
     live.mkdir()
     (live / ".owner.json").write_text(json.dumps({"host": os.uname().nodename, "pid": os.getpid()}))
+    (target / ".data-staging-starting").mkdir()  # no owner file yet, but just created
     (target / ".data-old-12345678").mkdir()
     raywaste.preprocess(taco, target, task="supercategory", size=24, fractions="0.5,0.25,0.25",
                         options=RunOptions(overwrite=True, max_error_fraction=0.9))
     assert not leftovers[0].exists()
     assert not (target / ".data-old-12345678").exists()
     assert live.is_dir()
-    assert sorted(path.name for path in target.iterdir()) == [".data-staging-live", "data"]
+    assert sorted(path.name for path in target.iterdir()) == [".data-staging-live", ".data-staging-starting", "data"]
     assert read_split_table(target / "data", "train").equals(read_split_table(out / "data", "train"))
 
 
