@@ -18,7 +18,7 @@ costs about 10 ms of CPU per Ray process, so it is sampled only every 2 s.
 Usage: python benchmarks/preprocess_speed.py TACO_DIR [--repeat 10] [--task binary:Bottle]
            [--size 128] [--variants a,b,c,d] [--memory-scale 4] [--num-cpus N]
 
-Needs psutil (pip install psutil). Prints a Markdown table for BENCHMARKS.md.
+Needs psutil (pip install -e ".[bench]"). Prints a Markdown table for BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -158,6 +158,11 @@ def _pool_read(job: Job) -> list:
     return arrays
 
 
+def consume(results) -> None:
+    for _ in results:
+        pass
+
+
 def measure(variant: str, jobs: list[Job], run) -> Measurement:
     """Time ``run()`` and print its table row at once, so a long benchmark shows its progress."""
     load = machine.load_average()
@@ -198,15 +203,17 @@ def main() -> None:
     print("| variant | photos | examples | seconds | photos/s | examples/s | CPU s (own process) | peak PSS MiB | peak RSS sum MiB | load at start |")
     print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
 
+    # Each variant drops its arrays as it goes, as a pipeline that writes them out would, so
+    # that peak memory shows the working set rather than all results.
     if "a" in variants:
-        measure("(a) course loop", jobs, lambda: [course_loop(root, job, args.size) for job in jobs])
+        measure("(a) course loop", jobs, lambda: consume(course_loop(root, job, args.size) for job in jobs))
     if "b" in variants:
-        measure("(b) read_examples", jobs, lambda: [read_examples(root, j.file_name, j.size, j.boxes, settings) for j in jobs])
+        measure("(b) read_examples", jobs, lambda: consume(read_examples(root, j.file_name, j.size, j.boxes, settings) for j in jobs))
     if "c" in variants:
         # Like Ray's in (d), the workers' start-up is left out: one job per worker warms them.
         with multiprocessing.Pool(args.num_cpus, _pool_init, (str(root), settings)) as pool:
             pool.map(_pool_read, jobs[: args.num_cpus], chunksize=1)
-            measure(f"(c) pool, {args.num_cpus} workers", jobs, lambda: list(pool.imap_unordered(_pool_read, jobs, chunksize=4)))
+            measure(f"(c) pool, {args.num_cpus} workers", jobs, lambda: consume(pool.imap_unordered(_pool_read, jobs, chunksize=4)))
     if "d" in variants:
         import ray
 
