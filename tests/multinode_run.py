@@ -19,6 +19,35 @@ from ray.cluster_utils import Cluster
 import raywaste
 from raywaste.preprocessing import RunOptions
 
+# Ray gives a new node 30 s to register, and its dashboard agent may need longer on a
+# loaded machine. Ray then raises a plain Exception; a second start gets another 30 s.
+# NOTE: with a 1-minute load average above about 15 on 2 CPUs both starts have failed.
+STARTUP_ATTEMPTS = 2
+
+
+def start_with_retries(start):
+    for attempt in range(1, STARTUP_ATTEMPTS + 1):
+        try:
+            return start()
+        except Exception as error:
+            if "timed out during startup" not in str(error) or attempt == STARTUP_ATTEMPTS:
+                raise
+            ray.shutdown()  # stops what the failed start left running
+            print(f"Ray start-up timed out (attempt {attempt} of {STARTUP_ATTEMPTS}); starting again", file=sys.stderr)
+
+
+def start_cluster() -> Cluster:
+    """Start a head and two worker nodes with 1 CPU each; shut them down if any fails to start."""
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        for _ in range(2):
+            cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+    except BaseException:
+        cluster.shutdown()
+        raise
+    return cluster
+
 
 def preprocess(taco_dir: str, annotations: str, out: str, photos_per_task: int) -> None:
     raywaste.preprocess(taco_dir, out, annotations=annotations, task="supercategory", size=32, padding=0.1,
@@ -28,17 +57,14 @@ def preprocess(taco_dir: str, annotations: str, out: str, photos_per_task: int) 
 def main() -> None:
     taco_dir, annotations, out_root, result_path = sys.argv[1:5]
 
-    ray.init(num_cpus=1, include_dashboard=False, logging_level="WARNING")
+    start_with_retries(lambda: ray.init(num_cpus=1, include_dashboard=False, logging_level="WARNING"))
     try:
         preprocess(taco_dir, annotations, f"{out_root}/one-cpu", photos_per_task=5)
     finally:
         ray.shutdown()
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster = start_with_retries(start_cluster)
     try:
-        for _ in range(2):
-            cluster.add_node(num_cpus=1)
-        cluster.wait_for_nodes()
         ray.init(address=cluster.address, logging_level="WARNING")
         node_ids = sorted(node["NodeID"] for node in ray.nodes() if node["Alive"])
         preprocess(taco_dir, annotations, f"{out_root}/three-nodes", photos_per_task=1)
