@@ -6,6 +6,7 @@ Layout under ``OUT/data/``::
     manifest.json       settings, checksum of annotations.json, counts, checksum per file
     split_summary.csv   examples per class per split
     errors.jsonl        one JSON object per example that could not be made, with its reason
+    tasks.jsonl         one JSON object per Ray task: its photos, node, process and timing
     train/ val/ test/   Parquet files ``part-NNNNNN.parquet``, rows sorted by
                         (image id, annotation id) when read in name order
 
@@ -33,6 +34,7 @@ DATASET_FILE = "dataset.json"
 MANIFEST_FILE = "manifest.json"
 ERRORS_FILE = "errors.jsonl"
 SUMMARY_FILE = "split_summary.csv"
+TASKS_FILE = "tasks.jsonl"
 
 SCHEMA = pa.schema(
     [
