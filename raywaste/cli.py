@@ -16,6 +16,7 @@ import click
 from raywaste import __version__
 from raywaste.baselines import DenseBaselineSettings
 from raywaste.download import DEFAULT_ANNOTATIONS_URL, SIZES, DownloadSettings
+from raywaste.export import DEFAULT_BATCH_ROWS, DTYPES
 from raywaste.images import COLOR_MODES, SQUARE_MODES, ImageSettings
 from raywaste.inspection import DEFAULT_SAMPLES
 from raywaste.preprocessing import PreprocessSettings, RunOptions
@@ -84,8 +85,8 @@ _preprocess_options = _options(
                  help="Crop tasks: merge classes with fewer examples into 'Other' (0: never)."),
     click.option("--max-error-fraction", type=click.FloatRange(0, 1), default=_OPTIONS.max_error_fraction, show_default=True,
                  help="Fail when more than this fraction of examples cannot be read."),
-    click.option("--photos-per-task", type=click.IntRange(min=1), default=_OPTIONS.photos_per_task, show_default=True,
-                 help="Photos decoded by one Ray task."),
+    click.option("--photos-per-task", type=click.IntRange(min=1), default=None,
+                 help="Photos decoded by one Ray task. [default: about 4 tasks per CPU, at most 32 photos each]"),
     click.option("--dataset-name", default=_OPTIONS.dataset_name, show_default=True,
                  help="Folder under OUT for the dataset: data, or data-<suffix> (e.g. data-64-grayscale) to keep "
                       "datasets of several image sizes or color modes side by side for tuning."),
@@ -213,6 +214,8 @@ def preprocess(taco_dir, out, seed, overwrite, address, num_cpus, **params):
     settings, options, annotations = _preprocess_inputs(params, seed, overwrite)
     with ray_session(address, num_cpus):
         result = run_preprocess(taco_dir, out, settings, annotations=annotations, options=options)
+    if result.reused:
+        click.echo(f"{result.data_dir} is up to date with these inputs and settings; nothing to do (--overwrite rebuilds it)")
     click.echo(f"dataset in {result.data_dir}: " + ", ".join(f"{split} {count}" for split, count in result.info.counts.items()))
 
 
@@ -364,6 +367,23 @@ def run(taco_dir, out, seed, overwrite, address, num_cpus, space, **params):
         run_tune(out, _tune_settings(params, seed), search_space=space, overwrite=overwrite)
     run_evaluate(out)
     click.echo(f"report written to {build_report(out)}")
+
+
+@main.command("export-npy")
+@click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--dest", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for the .npy files (default: OUT/npy).")
+@click.option("--dtype", type=click.Choice(DTYPES), default=DTYPES[0], show_default=True,
+              help="uint8 keeps the stored pixels; float32 divides them by 255, to [0, 1].")
+@click.option("--batch-rows", type=click.IntRange(min=1), default=DEFAULT_BATCH_ROWS, show_default=True,
+              help="Rows read from Parquet at a time; memory use grows with this, not with the dataset.")
+@_handle_errors
+def export_npy(out, dest, dtype, batch_rows):
+    """Write OUT/data's splits as NumPy arrays: SPLIT_images.npy, SPLIT_labels.npy, class_names.json."""
+    from raywaste.export import export_npy as run_export
+
+    result = run_export(out, dest, dtype=dtype, batch_rows=batch_rows)
+    click.echo(f"arrays in {result.dest}: " + ", ".join(f"{split} {count}" for split, count in result.counts.items()))
 
 
 @main.command()

@@ -7,6 +7,7 @@ beside it as ``OUT/data-<name>/``, see :func:`find_datasets`)::
     manifest.json       settings, checksum of annotations.json, counts, checksum per file
     split_summary.csv   examples per class per split
     errors.jsonl        one JSON object per example that could not be made, with its reason
+    tasks.jsonl         one JSON object per Ray task: its photos, node, process and timing
     train/ val/ test/   Parquet files ``part-NNNNNN.parquet``, rows sorted by
                         (image id, annotation id) when read in name order
 
@@ -35,6 +36,7 @@ DATASET_FILE = "dataset.json"
 MANIFEST_FILE = "manifest.json"
 ERRORS_FILE = "errors.jsonl"
 SUMMARY_FILE = "split_summary.csv"
+TASKS_FILE = "tasks.jsonl"
 
 SCHEMA = pa.schema(
     [

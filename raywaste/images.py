@@ -4,14 +4,15 @@ Pure functions with no Ray in them; the preprocessing stage runs them in Ray tas
 
 For each photo, :func:`read_examples`:
 
-1. refuses paths that escape the dataset root, missing, empty and oversized files;
+1. rejects paths that escape the dataset root, missing, empty and oversized files;
 2. reads the EXIF orientation and matches the displayed size to the annotated one,
    allowing one uniform scale factor (TACO's 640-pixel Flickr variants);
 3. picks the coarsest JPEG DCT scale (1/1 to 1/8) at which every crop still has at least
-   the output resolution, and decodes the photo once at that scale;
-4. applies the EXIF orientation, so boxes (which TACO gives in the displayed orientation)
-   line up with the pixels;
-5. cuts each crop, converts it to RGB or grayscale and resizes it to a square.
+   the output resolution, and decodes the photo once at that scale. simplejpeg decodes when
+   it is installed, Pillow otherwise; both wrap libjpeg-turbo and give the same pixels;
+4. cuts each crop's region from the stored pixels and turns only that region upright, so
+   boxes (which TACO gives in the displayed orientation) line up with the pixels;
+5. converts each region to RGB or grayscale and resizes it to a square.
 
 A failure is returned as an :class:`ExampleError` with a reason code, never raised and
 never turned into an array of zeros.
@@ -19,7 +20,9 @@ never turned into an array of zeros.
 
 from __future__ import annotations
 
+import io
 import math
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +52,14 @@ BOX_TOLERANCE_PX = 2.0
 
 # Pillow's JPEG decoder can shrink by these factors while decoding (DCT scaling).
 DRAFT_FACTORS = (8, 4, 2, 1)
+# Pillow's names for JPEG files; MPO is a JPEG with extra frames, as some cameras write.
+JPEG_FORMATS = ("JPEG", "MPO")
+
+# "auto" (simplejpeg when importable, else Pillow), "pillow" or "simplejpeg". Both decode
+# with libjpeg-turbo's default integer IDCT and smooth chroma upsampling, so they return the
+# same pixels, as benchmarks/jpeg_decoders.py checks. simplejpeg decodes up to 15% faster.
+JPEG_DECODER_ENV = "RAYWASTE_JPEG_DECODER"
+JPEG_DECODERS = ("auto", "pillow", "simplejpeg")
 
 # EXIF orientation value -> the transpose that shows the photo upright.
 _EXIF_ORIENTATION_TAG = 0x0112
@@ -75,7 +86,10 @@ class ImageSettings:
     min_box_size: float = 0.0
     """Boxes whose shorter side is below this (annotated pixels) are skipped and counted."""
     max_pixels: int = 100_000_000
-    """Photos with more pixels than this are rejected as possible decompression bombs."""
+    """Photos with more pixels than this are rejected as possible decompression bombs.
+
+    Pillow also rejects photos above twice its own ``Image.MAX_IMAGE_PIXELS`` (about 179
+    million pixels in all), so a larger ``max_pixels`` needs that raised too."""
     draft: bool = True
     """Let the JPEG decoder shrink by 2, 4 or 8 when every crop keeps the output size."""
 
@@ -90,6 +104,8 @@ class ImageSettings:
             raise ValueError(f"invalid padding {self.padding}; expected a fraction of the box size from 0 to 2")
         if self.min_box_size < 0:
             raise ValueError(f"invalid minimum box size {self.min_box_size}; expected 0 or more pixels")
+        if self.max_pixels < 1:
+            raise ValueError(f"invalid max_pixels {self.max_pixels}; expected 1 or more")
 
     @property
     def channels(self) -> int:
@@ -113,16 +129,23 @@ class PhotoInfo:
     scale: float = 1.0
     """Displayed pixels per annotated pixel (1.0 unless the photo is a resized variant)."""
     draft_factor: int = 1
+    """The DCT scale divisor the photo was decoded at: 1, 2, 4 or 8."""
+    decoder: str = ""
+    """``"simplejpeg"`` or ``"pillow"``; empty when the photo was not decoded."""
 
 
 Box = tuple[float, float, float, float]
 
 
 def resolve_photo(root: Path, file_name: str) -> Path | ExampleError:
-    """Return the photo's path under ``root``, or an error if ``file_name`` escapes it."""
+    """Return the photo's path under ``root``, or an error if ``file_name`` escapes it.
+
+    The check is on the name (absolute paths and ``..`` components), not on where symbolic
+    links inside ``root`` point, so a dataset folder may link to photos stored elsewhere.
+    """
     root = root.resolve()
-    path = (root / file_name).resolve()
-    if not path.is_relative_to(root):
+    path = Path(os.path.normpath(root / file_name))
+    if Path(file_name).is_absolute() or not path.is_relative_to(root):
         return ExampleError("outside_root", f"file_name {file_name!r} points outside the dataset folder {root}; fix annotations.json")
     return path
 
@@ -139,22 +162,28 @@ def read_examples(
     ``boxes`` are ``(x, y, width, height)`` in annotated pixels, displayed orientation.
     Each result is a ``(size, size, channels)`` uint8 array or an :class:`ExampleError`.
     """
+    decoder = jpeg_decoder_name()  # raises on an invalid RAYWASTE_JPEG_DECODER, before any photo is blamed
     path = resolve_photo(root, file_name)
     if isinstance(path, ExampleError):
         return [path] * len(boxes), PhotoInfo()
     try:
-        if path.stat().st_size == 0:
-            return [ExampleError("empty_file", f"{path} is empty (0 bytes); download it again")] * len(boxes), PhotoInfo()
-    except FileNotFoundError:
-        return [ExampleError("missing_file", f"{path} not found; download it or remove it from annotations.json")] * len(boxes), PhotoInfo()
+        if not path.is_file():
+            if path.exists():
+                return [ExampleError("not_a_file", f"{path} is not a regular file; fix file_name in annotations.json")] * len(boxes), PhotoInfo()
+            return [ExampleError("missing_file", f"{path} not found; download it or remove it from annotations.json")] * len(boxes), PhotoInfo()
+        data = path.read_bytes()
     except OSError as error:
         return [ExampleError("unreadable_file", f"cannot read {path}: {error}")] * len(boxes), PhotoInfo()
+    if not data:
+        return [ExampleError("empty_file", f"{path} is empty (0 bytes); download it again")] * len(boxes), PhotoInfo()
 
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return _read_open_photo(path, annotated_size, boxes, settings)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+            # settings.max_pixels is the limit that counts; Pillow's warning at its own,
+            # lower limit would otherwise be printed once per worker.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return _read_photo(path, data, annotated_size, boxes, settings, decoder)
+    except Image.DecompressionBombError as error:
         return [ExampleError("decompression_bomb", f"{path}: {error}")] * len(boxes), PhotoInfo()
     except UnidentifiedImageError:
         return [ExampleError("not_an_image", f"{path} is not an image Pillow can read; replace or remove it")] * len(boxes), PhotoInfo()
@@ -163,10 +192,10 @@ def read_examples(
         return [ExampleError("corrupt_image", f"{path} cannot be decoded ({error}); download it again")] * len(boxes), PhotoInfo()
 
 
-def _read_open_photo(
-    path: Path, annotated_size: tuple[int, int], boxes: list[Box | None], settings: ImageSettings
+def _read_photo(
+    path: Path, data: bytes, annotated_size: tuple[int, int], boxes: list[Box | None], settings: ImageSettings, decoder: str
 ) -> tuple[list[np.ndarray | ExampleError], PhotoInfo]:
-    with Image.open(path) as image:
+    with Image.open(io.BytesIO(data)) as image:
         stored_width, stored_height = image.size
         if stored_width * stored_height > settings.max_pixels:
             error = ExampleError(
@@ -189,19 +218,103 @@ def _read_open_photo(
 
         # Plan every crop in displayed, full-resolution pixels before decoding.
         plans: list[_CropPlan | ExampleError] = [_plan_crop(box, scale, displayed, settings) for box in boxes]
-        factor = _draft_factor(plans, settings) if image.format == "JPEG" and settings.draft else 1
-        if factor > 1:
-            draft_mode = "L" if settings.color_mode == "grayscale" else "RGB"
-            image.draft(draft_mode, (math.ceil(stored_width / factor), math.ceil(stored_height / factor)))
-        image.load()
+        if not any(isinstance(plan, _CropPlan) for plan in plans):
+            return plans, PhotoInfo(orientation, (stored_width, stored_height), scale)
+        is_jpeg = image.format in JPEG_FORMATS
+        factor = _draft_factor(plans, settings) if is_jpeg and settings.draft else 1
+        pixels = _decode(image, data, factor, settings.color_mode, decoder) if is_jpeg else _PillowPixels(image, "pillow")
+        pixels.load()
 
-        transpose = _TRANSPOSE_FOR_ORIENTATION.get(orientation)
-        upright = image.transpose(transpose) if transpose is not None else image
-        # The decoder may round the reduced size up, so the per-axis factors are measured.
-        to_decoded = (upright.width / displayed[0], upright.height / displayed[1])
-        info = PhotoInfo(orientation, (stored_width, stored_height), scale, factor)
-        results = [plan if isinstance(plan, ExampleError) else _render(upright, plan, to_decoded, settings) for plan in plans]
+        # The decoder rounds a reduced side up, so the factors are measured per axis.
+        decoded_upright = pixels.size[::-1] if orientation in (5, 6, 7, 8) else pixels.size
+        to_decoded = (decoded_upright[0] / displayed[0], decoded_upright[1] / displayed[1])
+        actual_factor = round(stored_width / pixels.size[0]) if is_jpeg else 1
+        info = PhotoInfo(orientation, (stored_width, stored_height), scale, actual_factor, pixels.decoder)
+        results = [plan if isinstance(plan, ExampleError) else _render(pixels, orientation, plan, to_decoded, settings) for plan in plans]
         return results, info
+
+
+def jpeg_decoder_name() -> str:
+    """Return the JPEG decoder that this process uses: ``"simplejpeg"`` or ``"pillow"``.
+
+    The environment variable named by :data:`JPEG_DECODER_ENV` selects one; by default
+    simplejpeg is used when it can be imported.
+    """
+    requested = os.environ.get(JPEG_DECODER_ENV, "auto").strip().lower() or "auto"
+    if requested not in JPEG_DECODERS:
+        raise ValueError(f"invalid {JPEG_DECODER_ENV}={requested!r}; expected one of {', '.join(JPEG_DECODERS)}")
+    if requested == "pillow":
+        return "pillow"
+    try:
+        import simplejpeg  # noqa: F401
+    except ImportError:
+        if requested == "simplejpeg":
+            raise ValueError(f"{JPEG_DECODER_ENV}=simplejpeg but simplejpeg is not installed; pip install simplejpeg") from None
+        return "pillow"
+    return "simplejpeg"
+
+
+class _PillowPixels:
+    """Decoded stored pixels held by Pillow."""
+
+    def __init__(self, image: Image.Image, decoder: str):
+        self.image = image
+        self.decoder = decoder
+        self.size = image.size
+
+    def load(self) -> None:
+        self.image.load()
+        self.size = self.image.size
+
+    def region(self, box: tuple[int, int, int, int]) -> Image.Image:
+        return self.image.crop(box)
+
+
+class _ArrayPixels:
+    """Decoded stored pixels held in a NumPy array of shape (height, width, channels)."""
+
+    decoder = "simplejpeg"
+
+    def __init__(self, array: np.ndarray):
+        self.array = array[:, :, 0] if array.shape[2] == 1 else array
+        self.size = (array.shape[1], array.shape[0])
+
+    def load(self) -> None:
+        """Nothing to do: simplejpeg has already decoded the whole photo."""
+
+    def region(self, box: tuple[int, int, int, int]) -> Image.Image:
+        x0, y0, x1, y1 = box
+        return Image.fromarray(np.ascontiguousarray(self.array[y0:y1, x0:x1]))
+
+
+def _decode(image: Image.Image, data: bytes, factor: int, color_mode: str, decoder: str) -> _PillowPixels | _ArrayPixels:
+    """Decode a JPEG at 1/``factor`` of its size, straight to luma when grayscale is requested.
+
+    Grayscale comes from the JPEG's own Y channel at every scale, so the result does not
+    depend on the factor that the crops allow.
+    """
+    width, height = image.size
+    gray = color_mode == "grayscale"
+    # YCbCr and grayscale JPEGs; CMYK and YCCK go through Pillow's conversion instead.
+    if image.mode in ("RGB", "L") and decoder == "simplejpeg":
+        import simplejpeg
+
+        try:
+            array = simplejpeg.decode_jpeg(
+                data, "GRAY" if gray else "RGB",
+                min_width=math.ceil(width / factor), min_height=math.ceil(height / factor), min_factor=factor,
+            )
+        except ValueError:
+            # simplejpeg also rejects damage that Pillow decodes (extra bytes between
+            # markers, for example); Pillow decides, so both decoders accept the same files.
+            pass
+        else:
+            if array.shape[:2] == (math.ceil(height / factor), math.ceil(width / factor)):
+                return _ArrayPixels(array)
+    # Pillow picks the largest factor that keeps at least the requested size, so ask for
+    # the floor: a side of 1537 at 1/8 requests 192, which Pillow reduces by exactly 8.
+    image.draft("L" if gray and image.mode == "RGB" else image.mode, (max(width // factor, 1), max(height // factor, 1)))
+    return _PillowPixels(image, "pillow")
 
 
 def _orientation(image: Image.Image) -> int:
@@ -296,7 +409,7 @@ def _draft_factor(plans: list[_CropPlan | ExampleError], settings: ImageSettings
     return 1
 
 
-def _render(upright: Image.Image, plan: _CropPlan, to_decoded: tuple[float, float], settings: ImageSettings) -> np.ndarray:
+def _render(pixels: _PillowPixels | _ArrayPixels, orientation: int, plan: _CropPlan, to_decoded: tuple[float, float], settings: ImageSettings) -> np.ndarray:
     size = settings.size
     fx0, fy0, fx1, fy1 = plan.frame
     cx0, cy0, cx1, cy1 = plan.content
@@ -312,16 +425,49 @@ def _render(upright: Image.Image, plan: _CropPlan, to_decoded: tuple[float, floa
     if right - left <= 0 or bottom - top <= 0:
         return _as_array(Image.new(target_mode, (size, size), fill), settings)
 
-    region = to_color_mode(upright.crop(_outer_pixels(source, upright.size)), target_mode)
-    # Coordinates of the exact source rectangle inside the whole-pixel crop just taken.
-    crop_x0, crop_y0 = math.floor(source[0]), math.floor(source[1])
-    exact = (source[0] - crop_x0, source[1] - crop_y0, source[2] - crop_x0, source[3] - crop_y0)
+    # Cut the whole-pixel region around the source rectangle from the stored pixels and
+    # turn only that region upright: the same pixels as turning the whole photo first.
+    upright_size = pixels.size[::-1] if orientation in (5, 6, 7, 8) else pixels.size
+    outer = _outer_pixels(source, upright_size)
+    region = pixels.region(stored_box(outer, orientation, pixels.size))
+    transpose = _TRANSPOSE_FOR_ORIENTATION.get(orientation)
+    if transpose is not None:
+        region = region.transpose(transpose)
+    region = to_color_mode(region, target_mode)
+
+    # Coordinates of the exact source rectangle inside the whole-pixel region.
+    exact = (source[0] - outer[0], source[1] - outer[1], source[2] - outer[0], source[3] - outer[1])
     content = region.resize((right - left, bottom - top), Image.Resampling.BILINEAR, box=exact, reducing_gap=3.0)
     if (left, top, right, bottom) == (0, 0, size, size):
         return _as_array(content, settings)
     canvas = Image.new(target_mode, (size, size), fill)
     canvas.paste(content, (left, top))
     return _as_array(canvas, settings)
+
+
+def stored_box(box: tuple[int, int, int, int], orientation: int, stored_size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """Map a pixel box of the upright photo onto the stored (not yet transposed) pixels.
+
+    ``stored.crop(stored_box(box, ...)).transpose(t)`` equals ``stored.transpose(t).crop(box)``
+    for the transpose ``t`` that shows the photo upright.
+    """
+    x0, y0, x1, y1 = box
+    width, height = stored_size
+    if orientation == 2:
+        return (width - x1, y0, width - x0, y1)
+    if orientation == 3:
+        return (width - x1, height - y1, width - x0, height - y0)
+    if orientation == 4:
+        return (x0, height - y1, x1, height - y0)
+    if orientation == 5:
+        return (y0, x0, y1, x1)
+    if orientation == 6:
+        return (y0, height - x1, y1, height - x0)
+    if orientation == 7:
+        return (width - y1, height - x1, width - y0, height - x0)
+    if orientation == 8:
+        return (width - y1, x0, width - y0, x1)
+    return box
 
 
 def _outer_pixels(box: tuple[float, float, float, float], limit: tuple[int, int]) -> tuple[int, int, int, int]:

@@ -5,8 +5,10 @@
 3. Ray Data runs :func:`raywaste.images.read_examples` on every photo (one decode per
    photo) and writes Parquet into a staging folder beside the output.
 4. The staged files are checked, sorted into ``train/``, ``val/`` and ``test/``, and the
-   folder is moved into place with ``dataset.json``, ``manifest.json``, the split summary
-   and ``errors.jsonl`` only when everything is complete.
+   folder is moved into place with ``dataset.json``, ``manifest.json``, the split summary,
+   ``errors.jsonl`` and ``tasks.jsonl`` only when everything is complete. A run that is
+   killed leaves only its staging folder, which the next run in the same output folder
+   removes.
 
 What this stage leaves for the next: ``OUT/data`` as described in :mod:`raywaste.dataset`.
 """
@@ -17,9 +19,11 @@ import csv
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
+import socket
 import time
 import uuid
 from collections import Counter
@@ -42,10 +46,11 @@ from raywaste.dataset import (
     MANIFEST_FILE,
     SCHEMA,
     SUMMARY_FILE,
+    TASKS_FILE,
     DatasetInfo,
     load_dataset_info,
 )
-from raywaste.images import ImageSettings, read_examples
+from raywaste.images import ImageSettings, jpeg_decoder_name, read_examples
 from raywaste.splits import SPLITS, SplitFractions, assign_splits, format_summary, split_summary
 from raywaste.tasks import DEFAULT_TASK, TaskExamples, build_examples
 
@@ -54,6 +59,20 @@ log = logging.getLogger(__name__)
 # Reasons that drop an example on purpose; they are reported but do not count as errors.
 SKIP_REASONS = frozenset({"box_too_small"})
 _STAGED_ERRORS = "_errors"
+_STAGED_TASKS = "_tasks"
+_STAGING_PREFIX = ".data-staging-"
+_OLD_PREFIX = ".data-old-"
+# Written into a staging folder while its run is alive: host name and process id.
+_OWNER_FILE = ".owner.json"
+# A staging folder without an owner file is removed only when older than this (seconds),
+# so a run that has just created its folder is never mistaken for a dead one.
+_UNOWNED_STAGING_AGE_S = 600
+# Automatic task size: about this many tasks per CPU of the cluster, for load balance, with
+# at most MAX_PHOTOS_PER_TASK photos each. A photo takes 15 to 60 ms of CPU (8-12 megapixels,
+# benchmarks/preprocess_speed.py), and Ray Data's driver spends about 50 ms per task, so
+# tasks of 32 photos keep that overhead to a few percent.
+TASKS_PER_CPU = 4
+MAX_PHOTOS_PER_TASK = 32
 
 
 class PreprocessError(RuntimeError):
@@ -85,8 +104,9 @@ class PreprocessSettings:
 class RunOptions:
     """Run options. None of them change the dataset's content."""
 
-    photos_per_task: int = 8
-    """Photos per Ray task: small enough to spread over many workers, large enough to amortize task overhead."""
+    photos_per_task: int | None = None
+    """Photos per Ray task; None picks about TASKS_PER_CPU tasks per cluster CPU, at most
+    MAX_PHOTOS_PER_TASK photos each. The dataset is the same for any value."""
     max_error_fraction: float = 0.05
     """Fail the run when more than this fraction of examples could not be made."""
     overwrite: bool = False
@@ -132,6 +152,8 @@ def preprocess(
     if reused is not None:
         return reused
 
+    _start_autoscaling_coordinator()
+
     # 1. Annotations, task, splits.
     taco = load_annotations(annotations_path)
     task = build_examples(taco, settings.task, settings.min_class_examples)
@@ -140,19 +162,24 @@ def preprocess(
              task.task, len(task.examples), len(split_of), len(task.class_names))
 
     # 2. Work units: photos grouped by split, in (split, image id) order.
-    groups = _task_groups(taco, task, split_of, options.photos_per_task)
+    photos_per_task = options.photos_per_task or _automatic_photos_per_task(len(split_of))
+    groups = _task_groups(taco, task, split_of, photos_per_task)
+    log.info("%d photos in %d Ray tasks of up to %d photos", len(split_of), len(groups), photos_per_task)
 
     # 3. Ray Data decodes and writes into a staging folder beside the output.
-    staging = data_dir.parent / f".data-staging-{uuid.uuid4().hex[:8]}"
-    staging.mkdir(parents=True)
+    _remove_stale_staging(data_dir.parent)
+    staging = _create_staging(data_dir.parent)
     try:
         started = time.monotonic()
         _run_ray_pipeline(groups, taco_dir, settings.image, staging)
-        log.info("decoded %d photos in %.1f s", sum(len(g["photos"]) for g in groups), time.monotonic() - started)
+        tasks = _collect_tasks(staging)
+        log.info("decoded %d photos in %.1f s in %d Ray tasks on %d node(s)", sum(len(g["photos"]) for g in groups),
+                 time.monotonic() - started, len(tasks), len({t["node_id"] for t in tasks}))
 
         # 4. Check, sort, describe, and move into place.
         files = _arrange_staged_files(staging)
         errors = _collect_errors(staging)
+        _write_jsonl(staging / TASKS_FILE, tasks)
         result = _finish(staging, data_dir, files, errors, task, settings, fingerprint, annotations_path, taco_dir, options)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -187,6 +214,57 @@ def _check_existing(data_dir: Path, fingerprint: dict, overwrite: bool) -> Prepr
     return PreprocessResult(data_dir, info, errors.get("failed", 0), errors.get("skipped", 0), reused=True)
 
 
+def _create_staging(parent: Path) -> Path:
+    """Create a uniquely named staging folder in ``parent`` that names its owning process."""
+    staging = parent / f"{_STAGING_PREFIX}{uuid.uuid4().hex[:8]}"
+    staging.mkdir(parents=True)
+    owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+    (staging / _OWNER_FILE).write_text(json.dumps(owner) + "\n")
+    return staging
+
+
+def _remove_stale_staging(parent: Path) -> None:
+    """Remove staging folders of runs that were killed, and old datasets left by a killed move.
+
+    A staging folder is removed when its owner ran on this host and that process is gone.
+    Folders of live runs, and of runs on other hosts of a shared file system, are left
+    alone: every run writes into its own folder, so they never mix.
+    """
+    if not parent.is_dir():
+        return
+    host = socket.gethostname()
+    for path in sorted(parent.glob(f"{_STAGING_PREFIX}*")):
+        try:
+            owner = json.loads((path / _OWNER_FILE).read_text())
+        except (OSError, json.JSONDecodeError):
+            owner = None
+        if owner is not None and (owner.get("host") != host or _process_alive(owner.get("pid"))):
+            log.info("leaving %s: it belongs to process %s on %s", path, owner.get("pid"), owner.get("host"))
+            continue
+        if owner is None and time.time() - path.stat().st_mtime < _UNOWNED_STAGING_AGE_S:
+            log.info("leaving %s: it has no owner file yet and may belong to a run that is starting", path)
+            continue
+        log.warning("removing %s, left by a preprocessing run that did not finish", path)
+        shutil.rmtree(path, ignore_errors=True)
+    for path in sorted(parent.glob(f"{_OLD_PREFIX}*")):
+        # Only _move_into_place creates these, and it removes them right after the new
+        # dataset is in place, so one that remains was left by a killed run.
+        log.warning("removing %s, a replaced dataset left by a run that did not finish", path)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _task_groups(taco, task: TaskExamples, split_of: dict[int, str], photos_per_task: int) -> list[dict[str, Any]]:
     by_image: dict[int, list] = {}
     for example in task.examples:
@@ -213,6 +291,30 @@ def _task_groups(taco, task: TaskExamples, split_of: dict[int, str], photos_per_
     return groups
 
 
+def _automatic_photos_per_task(photo_count: int) -> int:
+    import ray
+
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return max(1, min(MAX_PHOTOS_PER_TASK, math.ceil(photo_count / (TASKS_PER_CPU * cpus))))
+
+
+def _start_autoscaling_coordinator() -> None:
+    """Start Ray Data's autoscaling coordinator now, while the annotations load.
+
+    Ray Data 2.60 learns how many CPUs the cluster has from this actor, which it starts on
+    the first dataset of a Ray session. Until the actor replies, the executor counts zero
+    CPUs and runs one task at a time ("Tasks: 1 [backpressured:tasks(ResourceBudget)]"),
+    for several seconds on a loaded machine. Starting the actor early shortens that phase.
+    """
+    try:
+        from ray.data._internal.cluster_autoscaler import get_or_create_autoscaling_coordinator
+
+        get_or_create_autoscaling_coordinator()
+    except (ImportError, AttributeError, RuntimeError, ValueError) as error:
+        # NOTE: a private Ray Data function; without it the first tasks only start slower.
+        log.debug("could not start Ray Data's autoscaling coordinator early: %s", error)
+
+
 def _run_ray_pipeline(groups: list[dict], taco_dir: Path, image_settings: ImageSettings, staging: Path) -> None:
     import ray.data
 
@@ -226,16 +328,22 @@ def _run_ray_pipeline(groups: list[dict], taco_dir: Path, image_settings: ImageS
         process_groups,
         batch_size=None,
         batch_format="pyarrow",
-        fn_kwargs={"taco_dir": str(taco_dir), "image_settings": asdict(image_settings), "errors_dir": str(staging / _STAGED_ERRORS)},
+        fn_kwargs={
+            "taco_dir": str(taco_dir),
+            "image_settings": asdict(image_settings),
+            "errors_dir": str(staging / _STAGED_ERRORS),
+            "tasks_dir": str(staging / _STAGED_TASKS),
+        },
     )
     dataset.write_parquet(str(staging / "_staged"), arrow_parquet_args_fn=lambda: {"compression": "zstd", "schema": SCHEMA})
 
 
-def process_groups(batch: pa.Table, taco_dir: str, image_settings: dict, errors_dir: str) -> pa.Table:
+def process_groups(batch: pa.Table, taco_dir: str, image_settings: dict, errors_dir: str, tasks_dir: str | None = None) -> pa.Table:
     """Ray Data map function: decode the photos of one or more groups into example rows.
 
     Failed examples are written as JSON lines to ``errors_dir`` (one file per group,
     replaced atomically, so a retried task leaves no duplicates) and left out of the rows.
+    With ``tasks_dir``, one JSON record per group records where and how fast it ran.
     """
     settings = ImageSettings(**image_settings)
     root = Path(taco_dir)
@@ -243,9 +351,12 @@ def process_groups(batch: pa.Table, taco_dir: str, image_settings: dict, errors_
     for payload in batch.column("payload").to_pylist():
         group = json.loads(payload)
         failures = []
+        started, cpu_started = time.time(), time.process_time()
+        draft_factors: Counter = Counter()
         for photo in group["photos"]:
             boxes = [tuple(e["bbox"]) if e["bbox"] else None for e in photo["examples"]]
-            arrays, _ = read_examples(root, photo["file_name"], (photo["width"], photo["height"]), boxes, settings)
+            arrays, info = read_examples(root, photo["file_name"], (photo["width"], photo["height"]), boxes, settings)
+            draft_factors[info.draft_factor] += 1
             for example, array in zip(photo["examples"], arrays):
                 if isinstance(array, np.ndarray):
                     columns["image"].append(array.tobytes())
@@ -263,16 +374,45 @@ def process_groups(batch: pa.Table, taco_dir: str, image_settings: dict, errors_
                     })
         if failures:
             _write_group_errors(Path(errors_dir), group, failures)
+        if tasks_dir is not None:
+            record = {
+                "split": group["split"],
+                "first_image_id": group["photos"][0]["image_id"],
+                "photos": len(group["photos"]),
+                "examples": sum(len(photo["examples"]) for photo in group["photos"]),
+                "failed": len(failures),
+                "node_id": _ray_node_id(),
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "started": started,
+                "seconds": time.time() - started,
+                "cpu_seconds": time.process_time() - cpu_started,
+                "decoder": jpeg_decoder_name(),
+                "draft_factors": {str(factor): count for factor, count in sorted(draft_factors.items())},
+            }
+            _write_atomically(Path(tasks_dir) / f"{group['split']}-{record['first_image_id']:012d}.json", json.dumps(record) + "\n")
     return pa.Table.from_pydict(columns, schema=SCHEMA)
 
 
-def _write_group_errors(errors_dir: Path, group: dict, failures: list[dict]) -> None:
-    errors_dir.mkdir(parents=True, exist_ok=True)
-    first = group["photos"][0]["image_id"]
-    target = errors_dir / f"{group['split']}-{first:012d}.jsonl"
+def _ray_node_id() -> str | None:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except (ImportError, RuntimeError):
+        return None
+
+
+def _write_atomically(target: Path, text: str) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
     temporary = target.with_suffix(f".tmp-{uuid.uuid4().hex[:8]}")
-    temporary.write_text("".join(json.dumps(failure) + "\n" for failure in failures))
+    temporary.write_text(text)
     os.replace(temporary, target)
+
+
+def _write_group_errors(errors_dir: Path, group: dict, failures: list[dict]) -> None:
+    first = group["photos"][0]["image_id"]
+    _write_atomically(errors_dir / f"{group['split']}-{first:012d}.jsonl", "".join(json.dumps(failure) + "\n" for failure in failures))
     # One line per photo, not per crop: a photo with 30 crops fails once.
     for file_name, reason in sorted({(f["file_name"], f["reason"]) for f in failures}):
         level = logging.INFO if reason in SKIP_REASONS else logging.WARNING
@@ -343,6 +483,22 @@ def _collect_errors(staging: Path) -> list[dict]:
     return errors
 
 
+def _collect_tasks(staging: Path) -> list[dict]:
+    """Read the per-group records of the Ray tasks, in (split, first image id) order."""
+    tasks_dir = staging / _STAGED_TASKS
+    order = {split: index for index, split in enumerate(SPLITS)}
+    tasks = [json.loads(path.read_text()) for path in tasks_dir.glob("*.json")] if tasks_dir.is_dir() else []
+    shutil.rmtree(tasks_dir, ignore_errors=True)
+    tasks.sort(key=lambda t: (order[t["split"]], t["first_image_id"]))
+    return tasks
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    with path.open("w") as handle:
+        for record in records:
+            handle.write(json.dumps(record) + "\n")
+
+
 def _finish(
     staging: Path,
     data_dir: Path,
@@ -369,9 +525,7 @@ def _finish(
     summary = {split: counts[split]["per_class"] for split in SPLITS}
     print(format_summary(summary))
     _write_summary_csv(staging / SUMMARY_FILE, summary)
-    with (staging / ERRORS_FILE).open("w") as handle:
-        for error in errors:
-            handle.write(json.dumps(error) + "\n")
+    _write_jsonl(staging / ERRORS_FILE, errors)
 
     reasons = Counter(e["reason"] for e in errors)
     if errors:
@@ -402,6 +556,7 @@ def _finish(
     }
     (staging / DATASET_FILE).write_text(json.dumps(dataset, indent=2) + "\n")
 
+    (staging / _OWNER_FILE).unlink(missing_ok=True)
     manifest = {
         **fingerprint,
         "raywaste_version": __version__,
@@ -440,7 +595,7 @@ def _move_into_place(staging: Path, data_dir: Path) -> None:
     """Replace ``data_dir`` with ``staging``; an old dataset is removed only after the new one is in place."""
     old = None
     if data_dir.exists():
-        old = data_dir.parent / f".data-old-{uuid.uuid4().hex[:8]}"
+        old = data_dir.parent / f"{_OLD_PREFIX}{uuid.uuid4().hex[:8]}"
         os.replace(data_dir, old)
     os.replace(staging, data_dir)
     if old is not None:

@@ -177,3 +177,299 @@ def test_draft_decode_of_real_photo(taco_sample):
     assert array.shape == (64, 64, 3)
     assert info.draft_factor == 8
     assert array.std() > 5
+
+
+# --- Real photos: EXIF orientation with JPEG and DCT scaling --------------------------
+
+# batch_1/000006.jpg cut to 1536x2048, so that 1/2, 1/4 and 1/8 divide it exactly.
+REAL_SIZE = (1536, 2048)
+REAL_BOX = (517.0, 127.0, 447.0, 1322.0)  # its annotated bottle, in displayed pixels
+LARGE_BOXES = [REAL_BOX, (100.0, 1400.0, 1200.0, 600.0), None]
+# A 40x30 box cannot keep 64 output pixels at any reduction, so the photo decodes at 1/1.
+SMALL_BOXES = [REAL_BOX, (900.0, 1700.0, 40.0, 30.0)]
+
+
+@pytest.fixture(scope="module")
+def real_upright(taco_sample):
+    with Image.open(taco_sample / "batch_1" / "000006.jpg") as photo:
+        return photo.convert("RGB").crop((0, 0, *REAL_SIZE))
+
+
+def save_tagged_jpeg(upright: Image.Image, path: Path, orientation: int) -> Path:
+    """Store ``upright`` turned so that EXIF ``orientation`` shows it upright again."""
+    transpose = STORE_AS[orientation]
+    stored = upright.transpose(transpose) if transpose is not None else upright
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    stored.save(path, quality=90, exif=exif)
+    return path
+
+
+def decoded_upright(jpeg: Path, factor: int, mode: str, target: Path) -> Path:
+    """Decode ``jpeg`` at 1/``factor`` with Pillow, turn it upright, and store it losslessly (TIFF)."""
+    from PIL import ImageOps
+
+    with Image.open(jpeg) as image:
+        image.draft(mode, (image.width // factor, image.height // factor))
+        ImageOps.exif_transpose(image).save(target)
+    return target
+
+
+@pytest.mark.parametrize("decoder", ["pillow", "simplejpeg"])
+@pytest.mark.parametrize("boxes, factor", [(LARGE_BOXES, 8), (SMALL_BOXES, 1)], ids=["scale-1/8", "scale-1/1"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_jpeg_orientation_exact(tmp_path, monkeypatch, real_upright, orientation, boxes, factor, decoder):
+    # The crops of a tagged JPEG equal, bit for bit, the crops of the upright view of the
+    # same decoded pixels: the orientation step adds no error, also with DCT scaling.
+    if decoder == "simplejpeg":
+        pytest.importorskip("simplejpeg")
+    monkeypatch.setenv("RAYWASTE_JPEG_DECODER", decoder)
+    settings = ImageSettings(size=64, padding=0.1, square="context")
+    tagged = save_tagged_jpeg(real_upright, tmp_path / "tagged.jpg", orientation)
+    actual, info = read_examples(tmp_path, "tagged.jpg", REAL_SIZE, boxes, settings)
+    assert info.orientation == orientation
+    assert info.draft_factor == factor
+    assert info.decoder == decoder
+
+    decoded_upright(tagged, factor, "RGB", tmp_path / "upright.tiff")
+    expected, reference = read_examples(tmp_path, "upright.tiff", REAL_SIZE, boxes, settings)
+    assert reference.scale == 1 / factor
+    for index, (got, want) in enumerate(zip(actual, expected)):
+        assert isinstance(got, np.ndarray), got
+        np.testing.assert_array_equal(got, want, err_msg=f"box {index}")
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 7])
+def test_jpeg_orientation_exact_grayscale(tmp_path, real_upright, orientation):
+    settings = ImageSettings(size=32, color_mode="grayscale")
+    tagged = save_tagged_jpeg(real_upright, tmp_path / "tagged.jpg", orientation)
+    actual, info = read_examples(tmp_path, "tagged.jpg", REAL_SIZE, LARGE_BOXES, settings)
+    decoded_upright(tagged, info.draft_factor, "L", tmp_path / "upright.tiff")
+    expected, _ = read_examples(tmp_path, "upright.tiff", REAL_SIZE, LARGE_BOXES, settings)
+    assert info.draft_factor == 8
+    for got, want in zip(actual, expected):
+        assert got.shape == (32, 32, 1)
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("boxes", [LARGE_BOXES, SMALL_BOXES], ids=["scale-1/8", "scale-1/1"])
+@pytest.mark.parametrize("orientation", range(2, 9))
+def test_jpeg_orientation_matches_upright_file(tmp_path, real_upright, orientation, boxes):
+    # Two JPEG files of the same photo in different orientations are different files: the
+    # encoder and the decoder's integer IDCT and chroma upsampling round differently along
+    # rows and columns. Measured on this photo at quality 90: at most 3 levels apart in a
+    # pixel and 0.2 on average. The bounds below leave room for other libjpeg builds, and a
+    # misplaced or mirrored crop (tens of levels on average) still fails them.
+    settings = ImageSettings(size=64, padding=0.1, square="context")
+    save_tagged_jpeg(real_upright, tmp_path / "upright.jpg", 1)
+    save_tagged_jpeg(real_upright, tmp_path / "tagged.jpg", orientation)
+    expected, _ = read_examples(tmp_path, "upright.jpg", REAL_SIZE, boxes, settings)
+    actual, _ = read_examples(tmp_path, "tagged.jpg", REAL_SIZE, boxes, settings)
+    for got, want in zip(actual, expected):
+        difference = np.abs(got.astype(np.int16) - want.astype(np.int16))
+        assert difference.max() <= 8
+        assert difference.mean() <= 1.0
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_stored_box_matches_transposed_crop(orientation):
+    stored = Image.fromarray(np.arange(7 * 5 * 3, dtype=np.uint8).reshape(5, 7, 3))
+    transpose = {v: k for k, v in STORE_AS.items()}  # noqa: F841 - documents the inverse relation
+    from raywaste.images import _TRANSPOSE_FOR_ORIENTATION, stored_box
+
+    upright_transpose = _TRANSPOSE_FOR_ORIENTATION.get(orientation)
+    upright = stored.transpose(upright_transpose) if upright_transpose is not None else stored
+    for box in [(0, 0, 1, 1), (1, 2, 4, 3), (0, 0, *upright.size), (2, 1, upright.width, upright.height)]:
+        region = stored.crop(stored_box(box, orientation, stored.size))
+        if upright_transpose is not None:
+            region = region.transpose(upright_transpose)
+        np.testing.assert_array_equal(np.asarray(region), np.asarray(upright.crop(box)), err_msg=str(box))
+
+
+# --- Real photos: 640-pixel variants and size mismatches ------------------------------
+
+
+def test_640_variant_scales_boxes(tmp_path, taco_sample, real_upright):
+    # TACO's flickr_640_url variant of a 1537x2049 photo is 480x640; annotations keep the original size.
+    original = (1537, 2049)
+    with Image.open(taco_sample / "batch_1" / "000006.jpg") as photo:
+        photo.resize((480, 640), Image.Resampling.LANCZOS).save(tmp_path / "small.jpg", quality=95)
+    settings = ImageSettings(size=48)
+    (small,), info = read_examples(tmp_path, "small.jpg", original, [REAL_BOX], settings)
+    (full,), _ = read_examples(taco_sample, "batch_1/000006.jpg", original, [REAL_BOX], settings)
+    assert info.scale == pytest.approx(640 / 2049, rel=1e-3)
+    # Same object, resampled twice: close, and far closer than a shifted box would be.
+    assert np.abs(small.astype(np.int16) - full).mean() < 6
+    (shifted,), _ = read_examples(tmp_path, "small.jpg", original, [(817.0, 427.0, 447.0, 1322.0)], settings)
+    assert np.abs(shifted.astype(np.int16) - full).mean() > 15
+
+
+def test_640_variant_rotated_scales_boxes(tmp_path, real_upright):
+    small = real_upright.resize((480, 640), Image.Resampling.LANCZOS)
+    save_tagged_jpeg(small, tmp_path / "upright.jpg", 1)
+    save_tagged_jpeg(small, tmp_path / "rotated.jpg", 6)
+    settings = ImageSettings(size=48)
+    (expected,), _ = read_examples(tmp_path, "upright.jpg", REAL_SIZE, [REAL_BOX], settings)
+    (actual,), info = read_examples(tmp_path, "rotated.jpg", REAL_SIZE, [REAL_BOX], settings)
+    assert info.orientation == 6
+    assert info.scale == pytest.approx(0.3125)
+    assert np.abs(actual.astype(np.int16) - expected).mean() < 1.0
+
+
+@pytest.mark.parametrize("stored_size", [(1536, 1900), (1400, 2048), (640, 640)])
+def test_real_photo_size_mismatch_names_file(tmp_path, real_upright, stored_size):
+    real_upright.resize(stored_size).save(tmp_path / "odd.jpg")
+    results, _ = read_examples(tmp_path, "odd.jpg", REAL_SIZE, [REAL_BOX, None], ImageSettings(size=32))
+    for error in results:
+        assert isinstance(error, ExampleError)
+        assert error.reason == "size_mismatch"
+        assert "odd.jpg" in error.message
+        assert "1536x2048" in error.message
+
+
+# --- Color modes of real files, through read_examples ---------------------------------
+
+
+def write_png16(path: Path, rgb16: np.ndarray) -> None:
+    """Write a 16-bit-per-channel RGB PNG, which Pillow cannot save itself."""
+    import struct
+    import zlib
+
+    height, width, _ = rgb16.shape
+    rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in rgb16)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+@pytest.fixture(scope="module")
+def small_real(taco_sample) -> Image.Image:
+    with Image.open(taco_sample / "batch_1" / "000004.jpg") as photo:
+        return photo.convert("RGB").reduce(4)  # 311x188
+
+
+def color_mode_inputs(folder: Path, rgb: Image.Image) -> dict[str, tuple[str, Image.Image]]:
+    """Write one file per input kind; return kind -> (file name, its expected RGB pixels)."""
+    width, height = rgb.size
+    pixels = np.asarray(rgb)
+    gray = rgb.convert("L")
+    opaque_right = np.zeros((height, width), np.uint8)
+    opaque_right[:, width // 2:] = 255
+    white = np.full_like(pixels, 255)
+    over_white = Image.fromarray(np.where(opaque_right[:, :, None] == 255, pixels, white))
+    gray_over_white = Image.fromarray(np.where(opaque_right == 255, np.asarray(gray), 255).astype(np.uint8))
+
+    inputs = {}
+    palette = rgb.quantize(64)
+    palette.save(folder / "palette.png")
+    inputs["palette"] = ("palette.png", palette.convert("RGB"))
+    Image.fromarray(np.dstack([pixels, opaque_right])).save(folder / "rgba.png")
+    inputs["RGBA"] = ("rgba.png", over_white)
+    Image.fromarray(np.dstack([np.asarray(gray), opaque_right]), mode="LA").save(folder / "la.png")
+    inputs["LA"] = ("la.png", gray_over_white.convert("RGB"))
+    gray.save(folder / "gray.png")
+    inputs["grayscale PNG"] = ("gray.png", gray.convert("RGB"))
+    gray.save(folder / "gray.jpg", quality=100)
+    with Image.open(folder / "gray.jpg") as decoded:
+        inputs["grayscale JPEG"] = ("gray.jpg", decoded.convert("RGB"))
+    Image.fromarray(np.asarray(gray).astype(np.uint16) * 257).save(folder / "gray16.png")
+    inputs["16-bit grayscale"] = ("gray16.png", gray.convert("RGB"))
+    write_png16(folder / "rgb16.png", pixels.astype(np.uint16) * 257)
+    inputs["16-bit RGB"] = ("rgb16.png", rgb)
+    rgb.convert("CMYK").save(folder / "cmyk.tif")
+    inputs["CMYK TIFF"] = ("cmyk.tif", rgb)
+    return inputs
+
+
+COLOR_KINDS = ["palette", "RGBA", "LA", "grayscale PNG", "grayscale JPEG", "16-bit grayscale", "16-bit RGB", "CMYK TIFF"]
+
+
+@pytest.fixture(scope="module")
+def input_kinds(tmp_path_factory, small_real):
+    folder = tmp_path_factory.mktemp("kinds")
+    inputs = color_mode_inputs(folder, small_real)
+    for kind, (name, expected_rgb) in inputs.items():
+        expected_rgb.save(folder / f"expected-{name}.png")
+    return folder, inputs
+
+
+@pytest.mark.parametrize("color_mode", ["rgb", "grayscale"])
+@pytest.mark.parametrize("kind", COLOR_KINDS)
+def test_input_kinds_give_requested_mode(input_kinds, small_real, kind, color_mode):
+    folder, inputs = input_kinds
+    name, _ = inputs[kind]
+    boxes = [(20.0, 20.0, 80.0, 60.0), (200.0, 100.0, 90.0, 70.0), None]
+    # The expected pixels of the JPEG kind come from a full decode, so no DCT scaling here.
+    settings = ImageSettings(size=24, color_mode=color_mode, draft=False)
+    actual, _ = read_examples(folder, name, small_real.size, boxes, settings)
+    expected, _ = read_examples(folder, f"expected-{name}.png", small_real.size, boxes, settings)
+    for got, want in zip(actual, expected):
+        assert isinstance(got, np.ndarray), got
+        assert got.dtype == np.uint8
+        assert got.shape == (24, 24, settings.channels)
+        np.testing.assert_array_equal(got, want)
+
+
+def test_transparent_half_is_white(input_kinds, small_real):
+    folder, inputs = input_kinds
+    name, _ = inputs["RGBA"]
+    (left, right), _ = read_examples(folder, name, small_real.size, [(10.0, 10.0, 100.0, 100.0), (200.0, 50.0, 80.0, 80.0)], ImageSettings(size=16))
+    assert (left == 255).all()
+    assert left.shape == (16, 16, 3)
+    assert right.std() > 5
+
+
+def test_cmyk_jpeg_close_to_rgb(tmp_path, small_real):
+    small_real.convert("CMYK").save(tmp_path / "cmyk.jpg", quality=95)
+    small_real.save(tmp_path / "rgb.png")
+    boxes = [(20.0, 20.0, 120.0, 100.0), None]
+    actual, _ = read_examples(tmp_path, "cmyk.jpg", small_real.size, boxes, ImageSettings(size=32))
+    expected, _ = read_examples(tmp_path, "rgb.png", small_real.size, boxes, ImageSettings(size=32))
+    for got, want in zip(actual, expected):
+        assert got.shape == (32, 32, 3)
+        # Lossy CMYK JPEG: a few levels of error on average, not an inverted or shifted picture.
+        assert np.abs(got.astype(np.int16) - want).mean() < 4
+
+
+# --- Decoders ---------------------------------------------------------------------------
+
+
+def test_decoders_give_same_pixels(monkeypatch, taco_sample):
+    pytest.importorskip("simplejpeg")
+    from raywaste.annotations import load_annotations
+
+    taco = load_annotations(taco_sample / "annotations.json")
+    images = sorted(taco.images.values(), key=lambda image: image.id)[::17]
+    for color_mode in ("rgb", "grayscale"):
+        settings = ImageSettings(size=48, color_mode=color_mode, padding=0.1)
+        results = {}
+        for decoder in ("pillow", "simplejpeg"):
+            monkeypatch.setenv("RAYWASTE_JPEG_DECODER", decoder)
+            results[decoder] = []
+            for image in images:
+                boxes = [a.bbox for a in taco.annotations_of(image.id)] + [None]
+                arrays, info = read_examples(taco_sample, image.file_name, (image.width, image.height), boxes, settings)
+                assert info.decoder == decoder
+                results[decoder].append(arrays)
+        for image, pillow, simple in zip(images, results["pillow"], results["simplejpeg"]):
+            for got, want in zip(simple, pillow):
+                np.testing.assert_array_equal(got, want, err_msg=f"{image.file_name} {color_mode}")
+
+
+def test_unknown_decoder_rejected(monkeypatch, taco_sample):
+    monkeypatch.setenv("RAYWASTE_JPEG_DECODER", "libjpeg9")
+    with pytest.raises(ValueError, match="RAYWASTE_JPEG_DECODER"):
+        read_examples(taco_sample, "batch_1/000004.jpg", (1241, 751), [None], ImageSettings(size=16))
+
+
+def test_draft_factor_follows_smallest_crop(taco_sample):
+    # 000004.jpg is 1241x751: its annotated 93x88 box allows 1/1 only at 128 pixels, 1/2 at 32.
+    box = (649.0, 55.0, 93.0, 88.0)
+    factors = {}
+    for size in (128, 64, 32, 16, 8):
+        _, info = read_examples(taco_sample, "batch_1/000004.jpg", (1241, 751), [box, None], ImageSettings(size=size))
+        factors[size] = info.draft_factor
+    assert factors == {128: 1, 64: 1, 32: 2, 16: 4, 8: 8}

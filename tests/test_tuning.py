@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 
 import raywaste
-from raywaste.tuning import TuningError, TuneSettings
+from raywaste.dataset import DatasetError
+from raywaste.preprocessing import RunOptions
+from raywaste.tuning import TuningError
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +56,7 @@ def binary_out(ray_local, taco_sample, tmp_path_factory):
     """OUT with two real datasets of the binary Bottle task: data (16 px RGB) and data-16-grayscale."""
     out = tmp_path_factory.mktemp("tuning")
     raywaste.preprocess(taco_sample, out, task="binary:Bottle", size=16)
-    options = raywaste.preprocessing.RunOptions(dataset_name="data-16-grayscale")
+    options = RunOptions(dataset_name="data-16-grayscale")
     raywaste.preprocess(taco_sample, out, task="binary:Bottle", size=16, color_mode="grayscale", options=options)
     return out
 
@@ -226,7 +228,7 @@ def test_existing_run_needs_resume_or_overwrite(asha_run):
 
 def test_missing_dataset_is_named(binary_out):
     space = {"data": {"image_size": 64}}
-    with pytest.raises(raywaste.dataset.DatasetError) as raised:
+    with pytest.raises(DatasetError) as raised:
         raywaste.tune(binary_out, search_space=space, overwrite=True)
     message = str(raised.value)
     assert "no preprocessed dataset with image size 64 and color mode rgb" in message
