@@ -9,6 +9,7 @@ cannot work in Ray Tune (the reasons are given next to each check), and
 from __future__ import annotations
 
 import importlib.util
+import logging
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -20,6 +21,8 @@ METRIC_CHOICES = ("auto", "average_precision", "f1", "macro_f1")
 # The metric each choice names, and the tasks it applies to.
 BINARY_METRICS = {"auto": "val_average_precision", "average_precision": "val_average_precision", "f1": "val_f1"}
 MULTICLASS_METRICS = {"auto": "val_macro_f1", "macro_f1": "val_macro_f1"}
+log = logging.getLogger(__name__)
+
 # Ray's PBT warns that num_to_keep <= 2 can delete a checkpoint that another trial is about to clone.
 PBT_MIN_KEEP_CHECKPOINTS = 3
 
@@ -122,8 +125,8 @@ def check_combination(settings: TuneSettings, space: SearchSpace) -> None:
         raise TuningError(f"ASHA: --grace-period {settings.grace_period} is longer than max_epochs {max_epochs}; "
                           "lower --grace-period or raise max_epochs")
     if scheduler == "asha" and settings.grace_period == max_epochs:
-        raise TuningError(f"ASHA: --grace-period {settings.grace_period} equals max_epochs, so no trial could be stopped early; "
-                          "lower --grace-period or use --scheduler fifo")
+        # Ray accepts it, and short smoke runs use it, but every trial then runs to the end.
+        log.warning("ASHA: --grace-period %d equals max_epochs, so no trial can be stopped early", settings.grace_period)
 
     if scheduler == "hyperband":
         # HyperBandScheduler skips every bracket whose first rung int(max_t / eta**s) is 0; with
