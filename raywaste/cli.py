@@ -377,12 +377,13 @@ def run(taco_dir, out, seed, overwrite, address, num_cpus, space, **params):
               help="uint8 keeps the stored pixels; float32 divides them by 255, to [0, 1].")
 @click.option("--batch-rows", type=click.IntRange(min=1), default=DEFAULT_BATCH_ROWS, show_default=True,
               help="Rows read from Parquet at a time; memory use grows with this, not with the dataset.")
+@click.option("--dataset-name", default="data", show_default=True, help="Dataset folder under OUT to export.")
 @_handle_errors
-def export_npy(out, dest, dtype, batch_rows):
-    """Write OUT/data's splits as NumPy arrays: SPLIT_images.npy, SPLIT_labels.npy, class_names.json."""
+def export_npy(out, dest, dtype, batch_rows, dataset_name):
+    """Write a dataset's splits as NumPy arrays: SPLIT_images.npy, SPLIT_labels.npy, class_names.json."""
     from raywaste.export import export_npy as run_export
 
-    result = run_export(out, dest, dtype=dtype, batch_rows=batch_rows)
+    result = run_export(out, dest, dtype=dtype, batch_rows=batch_rows, dataset_name=dataset_name)
     click.echo(f"arrays in {result.dest}: " + ", ".join(f"{split} {count}" for split, count in result.counts.items()))
 
 

@@ -87,7 +87,7 @@ def evaluate(
     model_path = Path(model_path) if model_path else out_dir / BEST_MODEL
     if not model_path.is_file():
         raise EvaluationError(f"model not found: {model_path}; run 'raywaste tune' first")
-    info = load_dataset_info(out_dir / _model_data_dir(model_path))
+    info = load_dataset_info(out_dir / model_data_dir(model_path))
     table = read_split_table(info.data_dir, split, columns=["image", "label", "image_id", "annotation_id", "file_name"])
     if table.num_rows == 0:
         raise EvaluationError(f"the {split} split in {info.data_dir} is empty; preprocess with a larger {split} fraction")
@@ -342,7 +342,7 @@ def format_comparison(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _model_data_dir(model_path: Path) -> str:
+def model_data_dir(model_path: Path) -> str:
     """Return the dataset folder a model was tuned on, from the best_model.json beside it (default: data)."""
     info_path = model_path.with_suffix(".json")
     if model_path.name == BEST_MODEL and info_path.name == BEST_MODEL_INFO and info_path.is_file():

@@ -49,8 +49,9 @@ def export_npy(
     dest: str | Path | None = None,
     dtype: str = "uint8",
     batch_rows: int = DEFAULT_BATCH_ROWS,
+    dataset_name: str = "data",
 ) -> ExportResult:
-    """Write each split of ``out_dir/data`` as ``SPLIT_images.npy`` and ``SPLIT_labels.npy`` in ``dest``.
+    """Write each split of ``out_dir/dataset_name`` as ``SPLIT_images.npy`` and ``SPLIT_labels.npy`` in ``dest``.
 
     ``dest`` defaults to ``out_dir/npy``. Each file is written under a temporary name and
     renamed when complete, so an interrupted export leaves no truncated ``.npy`` file.
@@ -59,7 +60,7 @@ def export_npy(
         raise ValueError(f"invalid dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
     if batch_rows < 1:
         raise ValueError(f"invalid batch_rows {batch_rows}; expected 1 or more")
-    data_dir = Path(out_dir) / "data"
+    data_dir = Path(out_dir) / dataset_name
     info = load_dataset_info(data_dir)
     dest = Path(dest) if dest is not None else Path(out_dir) / "npy"
     dest.mkdir(parents=True, exist_ok=True)

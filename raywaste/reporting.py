@@ -23,7 +23,7 @@ from typing import Any
 from raywaste import __version__
 from raywaste.annotations import AnnotationsError
 from raywaste.dataset import DATASET_FILE, SUMMARY_FILE
-from raywaste.evaluation import DEFAULT_THRESHOLD, METRICS_FILE, comparison_rows
+from raywaste.evaluation import DEFAULT_THRESHOLD, METRICS_FILE, comparison_rows, model_data_dir
 from raywaste.inspection import (
     BOX_SIZES_PNG,
     SAMPLES_PNG,
@@ -33,7 +33,7 @@ from raywaste.inspection import (
     sample_tiles,
 )
 from raywaste.plots import plot_buckets, plot_counts, plot_image_grid, plot_split_counts
-from raywaste.tuning import BEST_MODEL_INFO, RESULTS_FILE, TUNE_DIR
+from raywaste.tuning import BEST_MODEL, BEST_MODEL_INFO, RESULTS_FILE, TUNE_DIR
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,8 @@ def build_report(out_dir: str | Path) -> Path:
     if not out_dir.is_dir():
         raise FileNotFoundError(f"output folder not found: {out_dir}; run 'raywaste run' or 'raywaste preprocess' first")
     figures_dir = out_dir / FIGURES_DIR
-    dataset = _read_json(out_dir / "data" / DATASET_FILE)
+    # The dataset the best model was tuned on, which need not be OUT/data when several exist.
+    dataset = _read_json(out_dir / model_data_dir(out_dir / BEST_MODEL) / DATASET_FILE)
     metrics = _read_json(out_dir / METRICS_FILE)
     title = f"raywaste run report: {dataset['task']}" if dataset else "raywaste run report"
 
