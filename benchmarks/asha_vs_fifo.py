@@ -30,13 +30,13 @@ import machine  # noqa: E402
 SPACE = {
     "model": {
         "conv_blocks": {"choice": [2, 3]},
-        "filters": {"choice": [8, 16, 32]},
-        "dense_units": {"choice": [32, 64]},
+        "filters": {"choice": [16, 32]},
+        "dense_units": 64,
         "batch_norm": {"choice": [False, True]},
         "activation": {"choice": ["relu", "leaky_relu"]},
         "dropout": {"uniform": [0.0, 0.4]},
     },
-    "optimization": {"learning_rate": {"loguniform": [1e-3, 2e-2]}, "batch_size": 32},
+    "optimization": {"learning_rate": {"loguniform": [3e-4, 3e-3]}, "batch_size": 32},
     "data": {"flip": "horizontal", "rotation": 0.0, "zoom": 0.0},
 }
 
@@ -50,8 +50,10 @@ def parse_arguments() -> argparse.Namespace:
                              "Plastic bag + wrapper, Other)")
     parser.add_argument("--min-class-examples", type=int, default=0, help="crop tasks: merge smaller classes into Other")
     parser.add_argument("--image-size", type=int, default=32, help="pixels per side")
+    parser.add_argument("--split", dest="fractions", default="0.6,0.3,0.1",
+                        help="train,val,test split fractions; a larger validation split ranks trials with less noise")
     parser.add_argument("--num-samples", type=int, default=16, help="trials per run")
-    parser.add_argument("--max-epochs", type=int, default=12)
+    parser.add_argument("--max-epochs", type=int, default=16)
     parser.add_argument("--grace-period", type=int, default=1)
     parser.add_argument("--reduction-factor", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
@@ -108,7 +110,8 @@ def main() -> int:
     ray.init(num_cpus=arguments.num_cpus, include_dashboard=False, logging_level="WARNING")
     try:
         prepared = raywaste.preprocess(arguments.taco_dir, arguments.out / "dataset", task=arguments.task,
-                                       size=arguments.image_size, min_class_examples=arguments.min_class_examples)
+                                       size=arguments.image_size, min_class_examples=arguments.min_class_examples,
+                                       fractions=arguments.fractions)
         counts = prepared.info.counts
         print(f"dataset: {prepared.info.task}, {prepared.info.num_classes} classes, {arguments.image_size} px, "
               f"train {counts['train']}, val {counts['val']}")
