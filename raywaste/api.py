@@ -2,7 +2,9 @@
 
 Each call joins the Ray cluster at ``address`` (or ``RAY_ADDRESS``), or starts a local
 Ray, unless the caller has already initialized Ray, in which case that Ray is used and
-left running. Keyword arguments name fields of the stage's settings dataclass, so
+left running. ``preprocess`` and ``run`` check the annotations and the task before Ray
+starts, so that a mistyped task fails at once. Keyword arguments name fields of the
+stage's settings dataclass, so
 
     raywaste.preprocess("taco/", "out/", task="supercategory", size=64)
 
@@ -18,7 +20,7 @@ from typing import Any
 from raywaste.evaluation import EvaluationResult
 from raywaste.evaluation import evaluate as _evaluate
 from raywaste.prediction import predict
-from raywaste.preprocessing import PreprocessResult, PreprocessSettings, RunOptions, settings_with
+from raywaste.preprocessing import PreprocessResult, PreprocessSettings, RunOptions, check_inputs, settings_with
 from raywaste.preprocessing import preprocess as _preprocess
 from raywaste.reporting import build_report
 from raywaste.runtime import ray_session
@@ -59,8 +61,9 @@ def preprocess(
     if isinstance(changes.get("fractions"), str):
         changes["fractions"] = SplitFractions.parse(changes["fractions"])
     settings = settings_with(settings or PreprocessSettings(), **changes)
+    inputs = check_inputs(taco_dir, settings, annotations)
     with ray_session(address):
-        return _preprocess(taco_dir, out_dir, settings, annotations=annotations, options=options)
+        return _preprocess(taco_dir, out_dir, settings, annotations=annotations, options=options, inputs=inputs)
 
 
 def tune(
@@ -109,8 +112,10 @@ def run(
 ) -> RunResult:
     """Run preprocess, tune and evaluate on one Ray session, then write ``out_dir/report.html``."""
     options = options or RunOptions(overwrite=overwrite)
+    preprocess_settings = preprocess_settings or PreprocessSettings()
+    inputs = check_inputs(taco_dir, preprocess_settings, annotations)
     with ray_session(address):
-        prepared = _preprocess(taco_dir, out_dir, preprocess_settings or PreprocessSettings(), annotations=annotations, options=options)
+        prepared = _preprocess(taco_dir, out_dir, preprocess_settings, annotations=annotations, options=options, inputs=inputs)
         tuned = _tune(out_dir, tune_settings or TuneSettings(), search_space=search_space, overwrite=overwrite)
     evaluated = _evaluate(out_dir)
     return RunResult(prepared, tuned, evaluated, build_report(out_dir))

@@ -1,6 +1,8 @@
 """Preprocessing stage: TACO photos to Parquet with Ray Data.
 
-1. Load and validate ``annotations.json``, build the task's examples, assign splits.
+1. Load and validate ``annotations.json`` and build the task's examples
+   (:func:`check_inputs`, before Ray starts), then stop when ``OUT/data`` already holds
+   this dataset, else assign splits.
 2. Group the examples by photo, and the photos into small tasks of one split each.
 3. Ray Data runs :func:`raywaste.images.read_examples` on every photo (one decode per
    photo) and writes Parquet into a staging folder beside the output.
@@ -37,7 +39,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from raywaste import __version__
-from raywaste.annotations import load_annotations
+from raywaste.annotations import Taco, load_annotations
 from raywaste.dataset import (
     DATASET_FILE,
     DEFAULT_DATA_DIR,
@@ -52,7 +54,7 @@ from raywaste.dataset import (
 )
 from raywaste.images import ImageSettings, jpeg_decoder_name, read_examples
 from raywaste.splits import SPLITS, SplitFractions, assign_splits, format_summary, split_summary
-from raywaste.tasks import DEFAULT_TASK, TaskExamples, build_examples
+from raywaste.tasks import DEFAULT_TASK, TaskExamples, build_examples, normalize_task
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +91,10 @@ class PreprocessSettings:
     seed: int = 0
     min_class_examples: int = 0
     """Crop tasks: classes with fewer examples than this merge into "Other" (0: never)."""
+
+    def __post_init__(self) -> None:
+        # A mistyped task fails here, before Ray starts, and a class map's path becomes absolute.
+        object.__setattr__(self, "task", normalize_task(self.task))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -132,31 +138,74 @@ class PreprocessResult:
     """True when an existing dataset with the same inputs and settings was kept."""
 
 
+@dataclass
+class CheckedInputs:
+    """The annotations and the task's examples, checked before Ray starts, with the dataset's fingerprint."""
+
+    taco_dir: Path
+    annotations_path: Path
+    settings: PreprocessSettings
+    taco: Taco
+    task: TaskExamples
+    fingerprint: dict[str, Any]
+    """Settings and input checksums, stored in ``manifest.json``; an existing dataset is reused only when they match."""
+
+
+def check_inputs(
+    taco_dir: str | Path,
+    settings: PreprocessSettings | None = None,
+    annotations: str | Path | None = None,
+) -> CheckedInputs:
+    """Load ``annotations.json`` and build the task's examples, without Ray.
+
+    Raises :class:`~raywaste.annotations.AnnotationsError` or :class:`~raywaste.tasks.TaskError`
+    for an unusable annotations file, an unknown supercategory, or a class map that
+    cannot be read or misses categories, so that these stop a run before Ray starts.
+    """
+    settings = settings or PreprocessSettings()
+    taco_dir, annotations_path = _input_paths(taco_dir, annotations)
+
+    taco = load_annotations(annotations_path)
+    task = build_examples(taco, settings.task, settings.min_class_examples)
+    fingerprint = {
+        "settings": settings.to_dict(),
+        "annotations_sha256": _sha256(annotations_path),
+        # The task names a class map by its path only, so an edited map needs its own checksum.
+        "class_map_sha256": task.class_map.sha256 if task.class_map else None,
+    }
+    return CheckedInputs(taco_dir, annotations_path, settings, taco, task, fingerprint)
+
+
 def preprocess(
     taco_dir: str | Path,
     out_dir: str | Path,
     settings: PreprocessSettings | None = None,
     annotations: str | Path | None = None,
     options: RunOptions | None = None,
+    inputs: CheckedInputs | None = None,
 ) -> PreprocessResult:
-    """Build ``OUT/data`` from the photos in ``taco_dir``; Ray must be initialized (see :mod:`raywaste.runtime`)."""
-    settings = settings or PreprocessSettings()
+    """Build ``OUT/data`` from the photos in ``taco_dir``; Ray must be initialized (see :mod:`raywaste.runtime`).
+
+    A caller that checked the inputs before starting Ray passes the result of
+    :func:`check_inputs` for the same ``taco_dir``, ``settings`` and ``annotations`` as
+    ``inputs``. Without ``inputs``, they are checked here.
+    """
+    settings = settings or (inputs.settings if inputs else PreprocessSettings())
     options = options or RunOptions()
-    taco_dir = Path(taco_dir).resolve()
-    annotations_path = Path(annotations).resolve() if annotations else taco_dir / "annotations.json"
     data_dir = Path(out_dir).resolve() / options.dataset_name
 
-    annotations_sha256 = _sha256(annotations_path) if annotations_path.is_file() else None
-    fingerprint = {"settings": settings.to_dict(), "annotations_sha256": annotations_sha256}
-    reused = _check_existing(data_dir, fingerprint, options.overwrite)
+    # 1. Annotations and task, checked before an existing dataset is judged, so that a
+    # mistyped task is reported as such and not as a changed setting.
+    if inputs is None:
+        inputs = check_inputs(taco_dir, settings, annotations)
+    else:
+        _check_same_inputs(inputs, taco_dir, settings, annotations)
+    taco, task, taco_dir, annotations_path = inputs.taco, inputs.task, inputs.taco_dir, inputs.annotations_path
+    reused = _check_existing(data_dir, inputs, options.overwrite)
     if reused is not None:
         return reused
 
     _start_autoscaling_coordinator()
-
-    # 1. Annotations, task, splits.
-    taco = load_annotations(annotations_path)
-    task = build_examples(taco, settings.task, settings.min_class_examples)
     split_of = assign_splits(task.examples, settings.fractions, settings.seed)
     log.info("task %s: %d examples from %d images in %d classes",
              task.task, len(task.examples), len(split_of), len(task.class_names))
@@ -180,14 +229,27 @@ def preprocess(
         files = _arrange_staged_files(staging)
         errors = _collect_errors(staging)
         _write_jsonl(staging / TASKS_FILE, tasks)
-        result = _finish(staging, data_dir, files, errors, task, settings, fingerprint, annotations_path, taco_dir, options)
+        result = _finish(staging, data_dir, files, errors, task, settings, inputs.fingerprint, annotations_path, taco_dir, options)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return result
 
 
-def _check_existing(data_dir: Path, fingerprint: dict, overwrite: bool) -> PreprocessResult | None:
+def _check_same_inputs(inputs: CheckedInputs, taco_dir: str | Path, settings: PreprocessSettings,
+                       annotations: str | Path | None) -> None:
+    if (inputs.taco_dir, inputs.annotations_path) != _input_paths(taco_dir, annotations) or inputs.settings != settings:
+        raise ValueError("the checked inputs belong to another TACO folder, annotations file or settings; "
+                         "pass check_inputs the same arguments as preprocess")
+
+
+def _input_paths(taco_dir: str | Path, annotations: str | Path | None) -> tuple[Path, Path]:
+    taco_dir = Path(taco_dir).resolve()
+    return taco_dir, Path(annotations).resolve() if annotations else taco_dir / "annotations.json"
+
+
+def _check_existing(data_dir: Path, inputs: CheckedInputs, overwrite: bool) -> PreprocessResult | None:
+    fingerprint = inputs.fingerprint
     manifest_path = data_dir / MANIFEST_FILE
     if not data_dir.exists():
         return None
@@ -196,11 +258,16 @@ def _check_existing(data_dir: Path, fingerprint: dict, overwrite: bool) -> Prepr
     if not manifest_path.is_file():
         raise PreprocessError(f"{data_dir} exists but has no {MANIFEST_FILE}; remove it or pass --overwrite")
     manifest = json.loads(manifest_path.read_text())
-    previous = {"settings": manifest.get("settings"), "annotations_sha256": manifest.get("annotations_sha256")}
+    # Manifests written before class maps were checksummed have no class_map_sha256, which
+    # reads as None and so still matches the tasks without a class map.
+    previous = {key: manifest.get(key) for key in fingerprint}
     if previous != fingerprint:
         changed = sorted(key for key in fingerprint["settings"] if fingerprint["settings"][key] != (previous["settings"] or {}).get(key))
         if previous["annotations_sha256"] != fingerprint["annotations_sha256"]:
             changed.append("annotations")
+        class_map = inputs.task.class_map
+        if class_map is not None and previous["class_map_sha256"] != class_map.sha256:
+            changed.append(f"class map {class_map.path}")
         raise PreprocessError(
             f"{data_dir} contains a dataset made with different inputs or settings (changed: {', '.join(changed) or 'unknown'}); "
             "pass --overwrite to replace it, or choose another output folder"

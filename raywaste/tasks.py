@@ -9,7 +9,8 @@ A task is chosen by name:
 * ``category``: one example per annotation, labelled with its category (60 in TACO).
 * ``map:<csv>``: one example per annotation, labelled through a TACO class map
   (``category name,class`` per line, as in TACO's ``map_10.csv``). Annotations mapped
-  to "Background" are left out, as TACO's own detector does.
+  to "Background" are left out, as TACO's own detector does. :func:`normalize_task`
+  makes the map's path absolute, so that one map named two ways is one task.
 
 What this stage leaves for the next: a list of :class:`Example` and the class names,
 indexed by label.
@@ -17,7 +18,9 @@ indexed by label.
 
 from __future__ import annotations
 
+import codecs
 import csv
+import hashlib
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -33,8 +36,27 @@ OTHER_CLASS = "Other"
 BACKGROUND_CLASS = "Background"
 
 
+TASK_KINDS = ("binary", "supercategory", "category", "map")
+
+
 class TaskError(ValueError):
     """A task name or class map that cannot be used."""
+
+
+@dataclass(frozen=True)
+class ClassMap:
+    """A TACO class map as read from its CSV file."""
+
+    path: Path
+    lines: list[tuple[int, str, str]]
+    """``(line number, category name, class)`` of every non-blank line, in file order."""
+    sha256: str
+    """SHA-256 of the bytes that were read."""
+
+    @property
+    def classes(self) -> dict[str, str]:
+        """Case-folded category name -> class."""
+        return {name.casefold(): target for _, name, target in self.lines}
 
 
 @dataclass(frozen=True)
@@ -59,6 +81,8 @@ class TaskExamples:
     is_crop_task: bool
     merged_into_other: list[str] = field(default_factory=list)
     excluded_annotations: int = 0
+    class_map: ClassMap | None = None
+    """The class map of a ``map:`` task."""
 
     @property
     def is_binary(self) -> bool:
@@ -69,48 +93,88 @@ class TaskExamples:
         return {name: counts.get(name, 0) for name in self.class_names}
 
 
+def normalize_task(task: str) -> str:
+    """Check the form of a task name and return it as stored: the kind in lower case, a class map's path absolute.
+
+    Raises :class:`TaskError` for an unknown kind or a missing or extra argument. Whether the
+    supercategory or the class map's categories exist is checked by :func:`build_examples`.
+    """
+    kind, argument = _split_task(task)
+    if kind == "map":
+        return f"map:{Path(argument).expanduser().resolve()}"
+    return f"{kind}:{argument}" if argument else kind
+
+
 def build_examples(taco: Taco, task: str = DEFAULT_TASK, min_class_examples: int = 0) -> TaskExamples:
     """Build the labelled examples of ``task`` from ``taco``; see the module docstring for task names."""
-    kind, _, argument = task.partition(":")
-    kind = kind.strip().lower()
+    kind, argument = _split_task(task)
     if kind == "binary":
-        if not argument:
-            raise TaskError("task 'binary' needs a supercategory, for example 'binary:Bottle'")
         return _binary_examples(taco, argument)
     if kind in ("supercategory", "category"):
-        if argument:
-            raise TaskError(f"task {kind!r} takes no argument, got {task!r}")
         return _crop_examples(taco, task=kind, label_of=_label_getter(taco, kind), min_class_examples=min_class_examples)
-    if kind == "map":
-        if not argument:
-            raise TaskError("task 'map' needs a CSV file, for example 'map:taco-maps/map_10.csv'")
-        class_map = read_class_map(argument)
-        label_of = _map_label_getter(taco, class_map, argument)
-        return _crop_examples(taco, task=f"map:{argument}", label_of=label_of, min_class_examples=min_class_examples)
-    raise TaskError(f"unknown task {task!r}; use binary:<supercategory>, supercategory, category or map:<csv>")
+    class_map = load_class_map(argument)
+    label_of = _map_label_getter(taco, class_map)
+    examples = _crop_examples(taco, task=f"map:{argument}", label_of=label_of, min_class_examples=min_class_examples)
+    examples.class_map = class_map
+    return examples
+
+
+def _split_task(task: str) -> tuple[str, str]:
+    """Split ``task`` into its kind (lower case) and argument, and check that the argument fits the kind."""
+    kind, _, argument = task.partition(":")
+    kind = kind.strip().lower()
+    if kind not in TASK_KINDS:
+        raise TaskError(f"unknown task {task!r}; use binary:<supercategory>, supercategory, category or map:<csv>")
+    if kind == "binary" and not argument.strip():
+        raise TaskError("task 'binary' needs a supercategory, for example 'binary:Bottle'")
+    if kind == "map" and not argument.strip():
+        raise TaskError("task 'map' needs a CSV file, for example 'map:taco-maps/map_10.csv'")
+    if kind in ("supercategory", "category") and argument:
+        raise TaskError(f"task {kind!r} takes no argument, got {task!r}")
+    return kind, argument
 
 
 def read_class_map(path: str | Path) -> dict[str, str]:
     """Read a TACO class map: ``category name,class`` per line, no header. Keys are case-folded."""
+    return load_class_map(path).classes
+
+
+def load_class_map(path: str | Path) -> ClassMap:
+    """Read and check a TACO class map, keeping the line number of every entry.
+
+    Raises :class:`TaskError` naming the file when it cannot be read, is not UTF-8 text
+    (a byte order mark is allowed), has a line that is not ``category name,class``, maps
+    a category to two classes, or has no entries.
+    """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        data = path.read_bytes()
     except OSError as error:
         raise TaskError(f"cannot read class map {path}: {error}") from error
-    mapping: dict[str, str] = {}
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        text = data[bom:].decode("utf-8")
+    except UnicodeDecodeError as error:
+        position = bom + error.start
+        raise TaskError(f"cannot read class map {path}: not UTF-8 text (invalid byte 0x{data[position]:02x} at position "
+                        f"{position}); save it as UTF-8 CSV") from None
+
+    lines: list[tuple[int, str, str]] = []
+    targets: dict[str, str] = {}
     for line_number, row in enumerate(csv.reader(text.splitlines()), start=1):
         if not row or not "".join(row).strip():
             continue
         if len(row) != 2 or not row[0].strip() or not row[1].strip():
             raise TaskError(f"{path}, line {line_number}: expected 'category name,class', got {','.join(row)!r}")
         name, target = row[0].strip(), row[1].strip()
-        previous = mapping.get(name.casefold())
+        previous = targets.get(name.casefold())
         if previous is not None and previous != target:
             raise TaskError(f"{path}, line {line_number}: category {name!r} is mapped twice ({previous!r} and {target!r})")
-        mapping[name.casefold()] = target
-    if not mapping:
+        targets[name.casefold()] = target
+        lines.append((line_number, name, target))
+    if not lines:
         raise TaskError(f"class map {path} is empty")
-    return mapping
+    return ClassMap(path=path, lines=lines, sha256=hashlib.sha256(data).hexdigest())
 
 
 def _binary_examples(taco: Taco, supercategory_name: str) -> TaskExamples:
@@ -134,12 +198,21 @@ def _label_getter(taco: Taco, kind: str):
     return lambda annotation: taco.categories[annotation.category_id].name
 
 
-def _map_label_getter(taco: Taco, class_map: dict[str, str], map_path: str):
+def _map_label_getter(taco: Taco, class_map: ClassMap):
+    # A line for a category that the annotations do not have is most likely a typo, and
+    # would otherwise be ignored without a trace. TACO's own maps have four such lines.
+    known = {category.name.casefold() for category in taco.categories.values()}
+    for line_number, name, _ in class_map.lines:
+        if name.casefold() not in known:
+            log.warning("class map %s, line %d: category %r is not in %s; the line is ignored",
+                        class_map.path, line_number, name, taco.path)
+
+    classes = class_map.classes
     used = {taco.categories[a.category_id].name for a in taco.annotations}
-    unmapped = sorted(name for name in used if name.casefold() not in class_map)
+    unmapped = sorted(name for name in used if name.casefold() not in classes)
     if unmapped:
-        raise TaskError(f"class map {map_path} has no line for categories used in {taco.path}: {', '.join(unmapped)}")
-    return lambda annotation: class_map[taco.categories[annotation.category_id].name.casefold()]
+        raise TaskError(f"class map {class_map.path} has no line for categories used in {taco.path}: {', '.join(unmapped)}")
+    return lambda annotation: classes[taco.categories[annotation.category_id].name.casefold()]
 
 
 def _crop_examples(taco: Taco, task: str, label_of, min_class_examples: int) -> TaskExamples:

@@ -1,5 +1,6 @@
 """Preprocessing on a TACO folder that mixes real sample photos with every kind of bad file."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -9,17 +10,22 @@ import sys
 import zlib
 from pathlib import Path
 
+from contextlib import contextmanager
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
 import raywaste
+import raywaste.api
+import raywaste.runtime
 from raywaste.cli import main
 from raywaste.dataset import load_dataset_info, read_split_table
 from raywaste.export import export_npy
 from raywaste.images import ImageSettings, read_examples
-from raywaste.preprocessing import PreprocessError, RunOptions
+from raywaste.preprocessing import PreprocessError, PreprocessSettings, RunOptions
+from raywaste.tasks import TaskError
 
 pytestmark = pytest.mark.slow
 
@@ -176,6 +182,74 @@ def test_rerun_says_up_to_date(mixed_run):
     assert (out / "data" / "manifest.json").read_text() == manifest
 
 
+def test_manifest_without_class_map_checksum_reused(mixed_run, tmp_path):
+    # Datasets made before class maps were checksummed stay reusable for other tasks.
+    taco, out, args, _ = mixed_run
+    target = tmp_path / "out"
+    shutil.copytree(out, target)
+    manifest = json.loads((target / "data" / "manifest.json").read_text())
+    assert manifest.pop("class_map_sha256") is None
+    (target / "data" / "manifest.json").write_text(json.dumps(manifest))
+    result = CliRunner().invoke(main, [args[0], str(taco), str(target), *args[3:], "--max-error-fraction", "0.9"])
+    assert result.exit_code == 0, result.output
+    assert "up to date" in result.output
+
+
+@pytest.mark.parametrize("task, message", [
+    ("supercat", "unknown task 'supercat'; use binary:<supercategory>"),
+    ("map:", "task 'map' needs a CSV file"),
+    ("map:/nonexistent/nope.csv", "cannot read class map /nonexistent/nope.csv"),
+    ("binary:Bottel", "unknown supercategory 'Bottel'"),
+])
+def test_mistyped_task_not_reported_as_change(mixed_run, task, message):
+    taco, out, args, _ = mixed_run
+    manifest = (out / "data" / "manifest.json").read_text()
+    result = CliRunner().invoke(main, [*args[:4], task, *args[5:], "--max-error-fraction", "0.9"])
+    assert result.exit_code == 1
+    assert message in result.output
+    assert "changed:" not in result.output
+    assert "--overwrite" not in result.output
+    assert (out / "data" / "manifest.json").read_text() == manifest
+
+
+def test_edited_class_map_not_reused(mixed_run, taco_maps, tmp_path, monkeypatch):
+    taco, _, _, _ = mixed_run
+    class_map = tmp_path / "maps" / "x.csv"
+    class_map.parent.mkdir()
+    official = (taco_maps / "map_10.csv").read_text()
+    class_map.write_text(official)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    args = ["preprocess", str(taco), str(out), "--task", "map:maps/x.csv", "--image-size", "24",
+            "--split", "0.5,0.25,0.25", "--max-error-fraction", "0.9"]
+
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0, first.output
+    manifest = json.loads((out / "data" / "manifest.json").read_text())
+    assert manifest["settings"]["task"] == f"map:{class_map.resolve()}"
+    assert manifest["class_map_sha256"] == hashlib.sha256(class_map.read_bytes()).hexdigest()
+    assert "Glass" not in load_dataset_info(out / "data").class_names
+
+    # The same map named by its absolute path is the same task.
+    same = CliRunner().invoke(main, [*args[:4], f"map:{class_map.resolve()}", *args[5:]])
+    assert same.exit_code == 0, same.output
+    assert "up to date" in same.output
+
+    class_map.write_text(official.replace("Glass bottle,Bottle", "Glass bottle,Glass"))
+    edited = CliRunner().invoke(main, args)
+    assert edited.exit_code == 1
+    assert f"(changed: class map {class_map.resolve()}); pass --overwrite" in edited.output
+    assert json.loads((out / "data" / "manifest.json").read_text()) == manifest
+
+    rebuilt = CliRunner().invoke(main, [*args, "--overwrite"])
+    assert rebuilt.exit_code == 0, rebuilt.output
+    assert "Glass" in load_dataset_info(out / "data").class_names
+    labels = []
+    for split in ("train", "val", "test"):
+        labels += read_split_table(out / "data", split, columns=["label_name"]).column("label_name").to_pylist()
+    assert labels.count("Glass") == 2  # the two glass bottles on the good photos
+
+
 def test_manifest_checksums_match_files(mixed_run):
     import hashlib
 
@@ -303,3 +377,66 @@ def test_existing_folder_without_manifest_refused(mixed_run, tmp_path):
     with pytest.raises(PreprocessError, match="has no manifest.json"):
         raywaste.preprocess(taco, tmp_path, task="supercategory", size=24)
     assert (tmp_path / "data" / "notes.txt").read_text() == "mine"
+
+
+# --- Checks before Ray starts ------------------------------------------------------------
+
+
+@pytest.fixture
+def ray_not_started(monkeypatch):
+    """Fail a test whose stage opens a Ray session before the inputs are checked."""
+
+    @contextmanager
+    def opened_too_early(*args, **kwargs):
+        raise AssertionError("a Ray session was opened before the task was checked")
+        yield
+
+    monkeypatch.setattr(raywaste.api, "ray_session", opened_too_early)
+    monkeypatch.setattr(raywaste.runtime, "ray_session", opened_too_early)
+
+
+@pytest.mark.parametrize("task, message", [
+    ("supercat", "unknown task 'supercat'"),
+    ("map:", "task 'map' needs a CSV file"),
+    ("map:/nonexistent/nope.csv", "cannot read class map /nonexistent/nope.csv"),
+    ("binary:Bottel", "unknown supercategory 'Bottel'"),
+])
+def test_api_checks_task_before_ray(ray_not_started, taco_sample, tmp_path, task, message):
+    with pytest.raises(TaskError, match=message):
+        raywaste.preprocess(taco_sample, tmp_path, task=task)
+    with pytest.raises(TaskError, match=message):
+        raywaste.run(taco_sample, tmp_path, PreprocessSettings(task=task))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_api_checks_class_map_before_ray(ray_not_started, taco_sample, tmp_path):
+    utf16 = tmp_path / "utf16.csv"
+    utf16.write_bytes(bytes.fromhex("fffe00626164"))
+    with pytest.raises(TaskError, match="not UTF-8 text"):
+        raywaste.preprocess(taco_sample, tmp_path / "out", task=f"map:{utf16}")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("task, message", [
+    ("supercat", "Error: unknown task 'supercat'; use binary:<supercategory>"),
+    ("map:", "Error: task 'map' needs a CSV file"),
+])
+def test_cli_rejects_task_syntax_before_ray(ray_not_started, taco_sample, tmp_path, task, message):
+    for command in ("preprocess", "run"):
+        result = CliRunner().invoke(main, [command, str(taco_sample), str(tmp_path), "--task", task])
+        assert result.exit_code == 1, result.output
+        assert message in result.output
+        assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_checked_inputs_must_match(taco_sample, tmp_path):
+    from raywaste.preprocessing import check_inputs, preprocess
+
+    inputs = check_inputs(taco_sample, PreprocessSettings(task="supercategory"))
+    assert inputs.fingerprint["class_map_sha256"] is None
+    assert len(inputs.task.examples) == 397
+    with pytest.raises(ValueError, match="belong to another TACO folder, annotations file or settings"):
+        preprocess(taco_sample, tmp_path, PreprocessSettings(task="category"), inputs=inputs)
+    with pytest.raises(ValueError, match="belong to another TACO folder"):
+        preprocess(tmp_path, tmp_path, PreprocessSettings(task="supercategory"), inputs=inputs)
+    assert list(tmp_path.iterdir()) == []

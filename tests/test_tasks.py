@@ -1,9 +1,12 @@
+import codecs
+import hashlib
+import logging
 from collections import Counter
 
 import pytest
 
 from raywaste.annotations import load_annotations
-from raywaste.tasks import OTHER_CLASS, TaskError, build_examples, read_class_map
+from raywaste.tasks import OTHER_CLASS, TaskError, build_examples, normalize_task, read_class_map
 
 
 @pytest.fixture(scope="module")
@@ -90,3 +93,84 @@ def test_map_file_errors(tmp_path):
 def test_unknown_task(sample):
     with pytest.raises(TaskError, match="unknown task 'objects'"):
         build_examples(sample, "objects")
+
+
+def test_map_task_keeps_map_checksum(sample, taco_maps):
+    task = build_examples(sample, f"map:{taco_maps / 'map_10.csv'}")
+    assert task.class_map.path == taco_maps / "map_10.csv"
+    assert task.class_map.sha256 == hashlib.sha256((taco_maps / "map_10.csv").read_bytes()).hexdigest()
+    assert build_examples(sample, "supercategory").class_map is None
+
+
+def test_map_not_utf8_names_file(sample, tmp_path):
+    utf16 = tmp_path / "utf16.csv"
+    utf16.write_bytes(bytes.fromhex("fffe00626164"))
+    expected = f"cannot read class map {utf16}: not UTF-8 text (invalid byte 0xff at position 0); save it as UTF-8 CSV"
+    with pytest.raises(TaskError) as caught:
+        read_class_map(utf16)
+    assert str(caught.value) == expected
+    with pytest.raises(TaskError) as caught:
+        build_examples(sample, f"map:{utf16}")
+    assert str(caught.value) == expected
+
+
+def test_map_invalid_byte_position_counts_bom(tmp_path):
+    latin1 = tmp_path / "latin1.csv"
+    before = b"Glass bottle,Bottle\nPop tab,Caf"
+    latin1.write_bytes(codecs.BOM_UTF8 + before + "\u00e9\n".encode("latin-1"))
+    with pytest.raises(TaskError, match=f"invalid byte 0xe9 at position {len(codecs.BOM_UTF8) + len(before)}\\)"):
+        read_class_map(latin1)
+
+
+def test_map_bom_is_allowed(tmp_path):
+    with_bom = tmp_path / "bom.csv"
+    with_bom.write_bytes(codecs.BOM_UTF8 + b"Glass bottle,Bottle\n")
+    assert read_class_map(with_bom) == {"glass bottle": "Bottle"}
+
+
+def test_map_unknown_category_warned(sample, taco_maps, tmp_path, caplog):
+    typo = tmp_path / "typo.csv"
+    official = (taco_maps / "map_10.csv").read_text()
+    typo.write_text(official + "Glas bottle,Bottle\n")
+    with caplog.at_level(logging.WARNING, logger="raywaste.tasks"):
+        task = build_examples(sample, f"map:{typo}")
+    ignored = [record.getMessage() for record in caplog.records if record.getMessage().endswith("the line is ignored")]
+    typo_line = len(official.splitlines()) + 1
+    assert f"class map {typo}, line {typo_line}: category 'Glas bottle' is not in {sample.path}; the line is ignored" in ignored
+    # TACO's own map_10.csv has four lines for categories that its annotations.json lacks.
+    assert len(ignored) == 5
+    assert any("category 'Retort pouch'" in message for message in ignored)
+    assert task.class_names == build_examples(sample, f"map:{taco_maps / 'map_10.csv'}").class_names
+
+
+def test_map_unknown_category_any_case(sample, tmp_path, caplog):
+    class_map = tmp_path / "cases.csv"
+    lines = [f"{category.name.upper()},Litter" for category in sample.categories.values() if category.name != "Cigarette"]
+    class_map.write_text("\n".join([*lines, "cigarette,Cigarette"]) + "\n")
+    with caplog.at_level(logging.WARNING, logger="raywaste.tasks"):
+        task = build_examples(sample, f"map:{class_map}")
+    assert not [record for record in caplog.records if "is not in" in record.getMessage()]
+    assert task.class_names == ["Cigarette", "Litter"]
+
+
+def test_normalize_task_makes_map_path_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    absolute = f"map:{tmp_path.resolve() / 'maps' / 'x.csv'}"
+    assert normalize_task("map:maps/x.csv") == absolute
+    assert normalize_task(f"map:{tmp_path}/maps/../maps/x.csv") == absolute
+    assert normalize_task(" Supercategory") == "supercategory"
+    assert normalize_task("category") == "category"
+    assert normalize_task("binary:Bottle") == "binary:Bottle"
+
+
+@pytest.mark.parametrize("task, message", [
+    ("supercat", "unknown task 'supercat'; use binary:<supercategory>"),
+    ("objects:x", "unknown task 'objects:x'"),
+    ("map:", "task 'map' needs a CSV file"),
+    ("map:  ", "task 'map' needs a CSV file"),
+    ("binary:", "task 'binary' needs a supercategory"),
+    ("category:Bottle", "task 'category' takes no argument"),
+])
+def test_normalize_task_rejects_typos(task, message):
+    with pytest.raises(TaskError, match=message):
+        normalize_task(task)
