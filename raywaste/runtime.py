@@ -16,6 +16,14 @@ CONNECT_TIMEOUT_S = 10.0
 _SPECIAL_ADDRESSES = ("auto", "local")
 
 
+# The logger of Ray's notice that a local Ray turned token authentication on.
+_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+def _hide_auth_enabled_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Token authentication is enabled")
+
+
 class RayAddressError(RuntimeError):
     """A cluster address is malformed or nothing answers there."""
 
@@ -65,7 +73,14 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         context = ray.init(address=address, logging_level=logging.WARNING)
     else:
         log.info("starting a local Ray with %s CPUs", num_cpus if num_cpus is not None else "all")
-        context = ray.init(num_cpus=num_cpus, logging_level=logging.WARNING)
+        # Ray notes on every local start that token authentication is on, which needs no action;
+        # its warning when authentication is off still shows.
+        auth_logger = logging.getLogger(_AUTH_LOGGER)
+        auth_logger.addFilter(_hide_auth_enabled_notice)
+        try:
+            context = ray.init(num_cpus=num_cpus, logging_level=logging.WARNING)
+        finally:
+            auth_logger.removeFilter(_hide_auth_enabled_notice)
     dashboard = getattr(context, "dashboard_url", None)
     if dashboard:
         log.info("Ray dashboard: http://%s", dashboard)
