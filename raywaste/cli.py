@@ -22,7 +22,7 @@ from raywaste.inspection import DEFAULT_SAMPLES
 from raywaste.preprocessing import PreprocessSettings, RunOptions
 from raywaste.splits import SplitError, SplitFractions
 from raywaste.tasks import DEFAULT_TASK
-from raywaste.tune_settings import METRIC_CHOICES, SCHEDULERS, SEARCHERS, TuneSettings
+from raywaste.tune_settings import DEFAULT_GRACE_PERIOD, METRIC_CHOICES, SCHEDULERS, SEARCHERS, TuneSettings
 
 # Option defaults come from the settings classes that define them.
 _IMAGE = ImageSettings()
@@ -33,8 +33,10 @@ _DOWNLOAD_DEFAULTS = DownloadSettings()
 
 
 def _configure_logging(verbose: int) -> None:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
-    logging.getLogger("raywaste").setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
+    # raywaste's own steps are logged by default; -v adds its debug output, -vv other libraries' info.
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        level=logging.INFO if verbose > 1 else logging.WARNING)
+    logging.getLogger("raywaste").setLevel(logging.DEBUG if verbose > 0 else logging.INFO)
 
 
 def _options(*decorators: Callable) -> Callable:
@@ -72,7 +74,8 @@ _preprocess_options = _options(
                  help="binary:<supercategory>, supercategory, category, or map:<csv> (a TACO class map)."),
     click.option("--image-size", type=click.IntRange(8, 4096), default=_IMAGE.size, show_default=True,
                  help="Side of the square output images, in pixels."),
-    click.option("--color-mode", type=click.Choice(COLOR_MODES), default=_IMAGE.color_mode, show_default=True),
+    click.option("--color-mode", type=click.Choice(COLOR_MODES), default=_IMAGE.color_mode, show_default=True,
+                 help="Channels stored per example: rgb (3) or grayscale (1)."),
     click.option("--square", type=click.Choice(SQUARE_MODES), default=_IMAGE.square, show_default=True,
                  help="How a box becomes square: stretch it, pad it, fill with the photo around it (context), or crop it."),
     click.option("--padding", type=click.FloatRange(0, 2), default=_IMAGE.padding, show_default=True,
@@ -106,8 +109,9 @@ _tune_options = _options(
                       "f1: F1 of the positive class (binary tasks)."),
     click.option("--max-epochs", type=click.IntRange(min=1), default=None,
                  help="Epochs of a trial that is not stopped early. [default: the search space's, 15]"),
-    click.option("--grace-period", type=click.IntRange(min=1), default=_TUNE.grace_period, show_default=True,
-                 help="ASHA: epochs every trial runs before it may be stopped."),
+    click.option("--grace-period", type=click.IntRange(min=1), default=None,
+                 help=f"ASHA: epochs every trial runs before it may be stopped. [default: {DEFAULT_GRACE_PERIOD}, "
+                      "or --max-epochs when that is fewer]"),
     click.option("--reduction-factor", type=click.IntRange(min=2), default=_TUNE.reduction_factor, show_default=True,
                  help="ASHA and HyperBand: about 1 in this many trials continues at each rung."),
     click.option("--perturbation-interval", type=click.IntRange(min=1), default=_TUNE.perturbation_interval, show_default=True,
@@ -142,12 +146,13 @@ def _handle_errors(function: Callable) -> Callable:
         from raywaste.evaluation import EvaluationError
         from raywaste.prediction import PredictionError
         from raywaste.preprocessing import PreprocessError
+        from raywaste.runtime import RayAddressError
         from raywaste.search_space import SearchSpaceError
         from raywaste.tasks import TaskError
         from raywaste.tune_settings import TuningError
 
-        expected = (AnnotationsError, DatasetError, EvaluationError, PredictionError, PreprocessError, SearchSpaceError, TaskError,
-                    TuningError, SplitError)
+        expected = (AnnotationsError, DatasetError, EvaluationError, PredictionError, PreprocessError, RayAddressError,
+                    SearchSpaceError, TaskError, TuningError, SplitError)
         try:
             return function(*args, **kwargs)
         except expected as error:
@@ -169,7 +174,8 @@ def _preprocess_inputs(params: dict, seed: int, overwrite: bool) -> tuple[Prepro
         options = RunOptions(photos_per_task=params["photos_per_task"], max_error_fraction=params["max_error_fraction"],
                              overwrite=overwrite, dataset_name=params["dataset_name"])
     except ValueError as error:
-        raise click.BadParameter(str(error)) from None
+        hint = "'--dataset-name'" if "dataset name" in str(error) else None
+        raise click.BadParameter(str(error), param_hint=hint) from None
     return settings, options, params["annotations"]
 
 
@@ -179,6 +185,23 @@ def _tune_settings(params: dict, seed: int) -> TuneSettings:
         return TuneSettings(seed=seed, **{name: params[name] for name in _TUNE_SETTING_NAMES})
     except ValueError as error:
         raise click.BadParameter(str(error)) from None
+
+
+def _check_tune_inputs(out: Path, settings: TuneSettings, space: Path | None, overwrite: bool, command: str) -> None:
+    """Check the search space, the settings and OUT/tune before Ray starts, so that mistakes show at once."""
+    from raywaste.search_space import default_search_space, load_search_space
+    from raywaste.tune_settings import check_combination
+    from raywaste.tuning import TUNE_DIR
+
+    check_combination(settings, settings.apply_to(load_search_space(space) if space else default_search_space()))
+    experiment_dir = out.resolve() / TUNE_DIR
+    if experiment_dir.exists() and not overwrite:
+        if command == "run":
+            raise click.ClickException(
+                f"{experiment_dir} already exists; continue that tuning run with 'raywaste tune --resume {out}' and then "
+                f"'raywaste evaluate {out}', or pass --overwrite to run everything again (the dataset is rebuilt too)")
+        raise click.ClickException(f"{experiment_dir} already exists; pass --resume to continue that run, "
+                                   "or --overwrite to start a new one there")
 
 
 def _reject_options_with_resume(context: click.Context, names: tuple[str, ...]) -> None:
@@ -191,7 +214,8 @@ def _reject_options_with_resume(context: click.Context, names: tuple[str, ...]) 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="raywaste")
-@click.option("-v", "--verbose", count=True, help="Debug log output (-vv).")
+@click.option("-v", "--verbose", count=True,
+              help="-v: raywaste's debug output; -vv: also other libraries' info messages. [default: each stage's steps]")
 def main(verbose: int) -> None:
     """Turn the TACO litter dataset into a tuned waste classifier with Ray."""
     _configure_logging(verbose)
@@ -245,6 +269,7 @@ def tune(context, out, seed, resume, overwrite, address, num_cpus, space, **para
             resume_tune(out)
         return
     settings = _tune_settings(params, seed)
+    _check_tune_inputs(out, settings, space, overwrite, "tune")
     with ray_session(address, num_cpus):
         run_tune(out, settings, search_space=space, overwrite=overwrite)
 
@@ -317,9 +342,12 @@ def inspect(annotations, plots_dir, images_dir, samples, as_json):
               help="COCO annotations that list the photos and their boxes; crop tasks classify every box.")
 @click.option("--whole-image", is_flag=True, help="Crop tasks: classify each whole photo as one box instead of its annotated boxes.")
 @click.option("--top-k", type=click.IntRange(min=1), default=3, show_default=True, help="Classes to show per photo or box.")
+@click.option("--threshold", default=None,
+              help="Binary tasks: label a photo positive from this probability on; 'chosen' takes the threshold that "
+                   "'raywaste evaluate' chose on the val split (from metrics.json beside the model). [default: 0.5]")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document with all predictions and errors.")
 @_handle_errors
-def predict(model, images, annotations, whole_image, top_k, as_json):
+def predict(model, images, annotations, whole_image, top_k, threshold, as_json):
     """Classify photos (files or folders) with MODEL, a .keras file or an OUT folder.
 
     The photos are preprocessed with the settings saved beside the model. A photo that
@@ -331,7 +359,8 @@ def predict(model, images, annotations, whole_image, top_k, as_json):
     from raywaste.prediction import format_predictions
     from raywaste.prediction import predict as run_predict
 
-    result = run_predict(model, list(images), annotations=annotations, whole_image=whole_image, top_k=top_k)
+    result = run_predict(model, list(images), annotations=annotations, whole_image=whole_image, top_k=top_k,
+                         threshold=threshold)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
     else:
@@ -362,9 +391,11 @@ def run(taco_dir, out, seed, overwrite, address, num_cpus, space, **params):
     from raywaste.tuning import tune as run_tune
 
     settings, options, annotations = _preprocess_inputs(params, seed, overwrite)
+    tune_settings = _tune_settings(params, seed)
+    _check_tune_inputs(out, tune_settings, space, overwrite, "run")
     with ray_session(address, num_cpus):
         run_preprocess(taco_dir, out, settings, annotations=annotations, options=options)
-        run_tune(out, _tune_settings(params, seed), search_space=space, overwrite=overwrite)
+        run_tune(out, tune_settings, search_space=space, overwrite=overwrite)
     run_evaluate(out)
     click.echo(f"report written to {build_report(out)}")
 
@@ -372,7 +403,7 @@ def run(taco_dir, out, seed, overwrite, address, num_cpus, space, **params):
 @main.command("export-npy")
 @click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--dest", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Folder for the .npy files (default: OUT/npy).")
+              help="Folder for the .npy files. [default: OUT/npy, or OUT/npy-<suffix> for --dataset-name data-<suffix>]")
 @click.option("--dtype", type=click.Choice(DTYPES), default=DTYPES[0], show_default=True,
               help="uint8 keeps the stored pixels; float32 divides them by 255, to [0, 1].")
 @click.option("--batch-rows", type=click.IntRange(min=1), default=DEFAULT_BATCH_ROWS, show_default=True,

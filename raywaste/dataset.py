@@ -23,7 +23,7 @@ The readers here need only pyarrow and NumPy, not Ray.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +66,8 @@ class DatasetInfo:
     image_size: int
     color_mode: str
     counts: dict[str, int]
-    raw: dict
+    raw: dict = field(repr=False)
+    """The whole of dataset.json."""
 
     @property
     def channels(self) -> int:

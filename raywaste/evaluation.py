@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from raywaste.baselines import DenseBaselineSettings, dense_baseline_probabilities, majority_class, majority_probabilities
-from raywaste.dataset import DEFAULT_DATA_DIR, DatasetInfo, load_dataset_info, load_split_arrays, read_split_table, table_to_arrays
+from raywaste.dataset import DEFAULT_DATA_DIR, MANIFEST_FILE, DatasetInfo, load_dataset_info, load_split_arrays, read_split_table, table_to_arrays
 from raywaste.metrics import average_precision, best_f1_threshold, classification_report, format_report, precision_recall_curve
 from raywaste.plots import Curve, Tile, plot_class_scores, plot_image_grid, plot_precision_recall
 from raywaste.tuning import BEST_MODEL, BEST_MODEL_INFO
@@ -58,7 +58,7 @@ class EvaluationSettings:
 class EvaluationResult:
     """Result of :func:`evaluate`. ``report`` is the content of ``metrics.json``."""
 
-    report: dict[str, Any]
+    report: dict[str, Any] = field(repr=False)
     metrics_path: Path
     confusion_png: Path
     figures: dict[str, Path] = field(default_factory=dict)
@@ -88,6 +88,7 @@ def evaluate(
     if not model_path.is_file():
         raise EvaluationError(f"model not found: {model_path}; run 'raywaste tune' first")
     info = load_dataset_info(out_dir / model_data_dir(model_path))
+    check_model_matches_dataset(model_path, info)
     table = read_split_table(info.data_dir, split, columns=["image", "label", "image_id", "annotation_id", "file_name"])
     if table.num_rows == 0:
         raise EvaluationError(f"the {split} split in {info.data_dir} is empty; preprocess with a larger {split} fraction")
@@ -220,8 +221,8 @@ def _baselines(info: DatasetInfo, images: np.ndarray, labels: np.ndarray, dense:
                  dense.epochs, len(train_labels) * info.image_size**2, dense.max_train_values)
     else:
         baselines["dense_network"] = {
-            "description": f"course's dense network: {info.image_size}x{info.image_size} grayscale, flattened, "
-                           f"Dense({dense.hidden_units}, relu), {dense.epochs} epochs",
+            "description": f"dense network without convolutions: {info.image_size}x{info.image_size} grayscale pixels, "
+                           f"flattened, Dense({dense.hidden_units}, relu), {dense.epochs} epoch{'s' if dense.epochs != 1 else ''}",
             **_scores(labels, probabilities, info.is_binary),
         }
     return baselines
@@ -340,6 +341,46 @@ def format_comparison(report: dict[str, Any]) -> str:
             line += f"  {row['average_precision']:13.3f}"
         lines.append(f"{line}  ({row['description']})")
     return "\n".join(lines)
+
+
+def dataset_changes(model_info: dict, info: DatasetInfo) -> list[str]:
+    """Name what differs between the dataset a model was tuned on and the dataset now in its folder.
+
+    ``model_info`` is the model's ``best_model.json``. An empty list means the dataset is the
+    one the model was tuned on, as far as the recorded settings and annotations tell.
+    """
+    changes = [key for key in ("task", "class_names", "image_size", "color_mode")
+               if key in model_info and model_info[key] != info.raw.get(key)]
+    tuned_on = model_info.get("dataset") or {}
+    current = info.raw.get("settings") or {}
+    changes += [f"settings.{key}" for key in sorted(set(tuned_on) | set(current)) if tuned_on.get(key) != current.get(key)]
+    recorded = model_info.get("annotations_sha256")
+    if recorded:
+        try:
+            now = json.loads((info.data_dir / MANIFEST_FILE).read_text()).get("annotations_sha256")
+        except (OSError, json.JSONDecodeError):
+            now = None
+        if now != recorded:
+            changes.append("annotations")
+    return changes
+
+
+def check_model_matches_dataset(model_path: Path, info: DatasetInfo) -> None:
+    """Raise EvaluationError when the dataset in ``info`` is not the one the best model was tuned on.
+
+    Scoring a model on a dataset preprocessed again with another task, split or seed would
+    give plausible but wrong numbers, and with another split, test rows the model trained on.
+    """
+    info_path = model_path.with_suffix(".json")
+    if model_path.name != BEST_MODEL or not info_path.is_file():
+        return
+    model_info = json.loads(info_path.read_text())
+    changes = dataset_changes(model_info, info)
+    if changes:
+        raise EvaluationError(
+            f"{model_path.name} was tuned on {model_info.get('task')} with other dataset settings than "
+            f"{info.data_dir} now has (changed: {', '.join(changes)}); run 'raywaste tune {model_path.parent} "
+            "--overwrite' to tune on the current dataset")
 
 
 def model_data_dir(model_path: Path) -> str:

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raywaste.dataset import DatasetError, load_dataset_info, split_files
+from raywaste.dataset import DEFAULT_DATA_DIR, DatasetError, load_dataset_info, split_files
 from raywaste.splits import SPLITS
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def export_npy(
 ) -> ExportResult:
     """Write each split of ``out_dir/dataset_name`` as ``SPLIT_images.npy`` and ``SPLIT_labels.npy`` in ``dest``.
 
-    ``dest`` defaults to ``out_dir/npy``. Each file is written under a temporary name and
+    ``dest`` defaults to ``out_dir/npy``, or ``out_dir/npy-<suffix>`` for ``data-<suffix>``. Each file is written under a temporary name and
     renamed when complete, so an interrupted export leaves no truncated ``.npy`` file.
     """
     if dtype not in DTYPES:
@@ -62,7 +62,10 @@ def export_npy(
         raise ValueError(f"invalid batch_rows {batch_rows}; expected 1 or more")
     data_dir = Path(out_dir) / dataset_name
     info = load_dataset_info(data_dir)
-    dest = Path(dest) if dest is not None else Path(out_dir) / "npy"
+    if dest is None:
+        # Each dataset gets its own folder: data -> npy, data-64-grayscale -> npy-64-grayscale.
+        dest = Path(out_dir) / ("npy" + dataset_name.removeprefix(DEFAULT_DATA_DIR))
+    dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
 
     written: list[Path] = []

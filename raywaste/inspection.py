@@ -298,7 +298,9 @@ def format_findings(findings: Findings) -> list[str]:
         lines.append(f"  category names capitalized unlike the others: {names}; raywaste compares names case-insensitively, "
                      "so class maps may write them either way")
     if findings.unused_categories:
-        lines.append(f"  {len(findings.unused_categories)} categories without annotations: {', '.join(findings.unused_categories)}")
+        count = len(findings.unused_categories)
+        lines.append(f"  {count} {'category' if count == 1 else 'categories'} without annotations: "
+                     f"{', '.join(findings.unused_categories)}")
     if findings.images_without_annotations:
         lines.append(f"  {findings.images_without_annotations} image(s) without annotations")
     return lines

@@ -206,6 +206,10 @@ def plot_image_grid(tiles: Sequence[Tile], path: Path, title: str, columns: int 
     return width, height
 
 
+# Fraction of a tile's height that a box label needs above its box.
+LABEL_ROOM = 0.06
+
+
 def _draw_tile(axes, tile: Tile) -> None:
     from matplotlib.patches import Rectangle
 
@@ -217,7 +221,9 @@ def _draw_tile(axes, tile: Tile) -> None:
     for box in tile.boxes:
         axes.add_patch(Rectangle((box.x, box.y), box.width, box.height, fill=False, edgecolor=box.color, linewidth=1.2))
         if box.label:
-            axes.text(box.x, box.y, box.label, fontsize=5.5, color="black", va="bottom", ha="left",
+            # Above the box, unless that is off the image: then inside its top edge.
+            above = box.y > LABEL_ROOM * image.shape[0]
+            axes.text(box.x, box.y, box.label, fontsize=5.5, color="black", va="bottom" if above else "top", ha="left",
                       bbox={"facecolor": box.color, "edgecolor": "none", "pad": 0.8, "alpha": 0.85}, clip_on=True)
     axes.set_xlim(-0.5, image.shape[1] - 0.5)
     axes.set_ylim(image.shape[0] - 0.5, -0.5)

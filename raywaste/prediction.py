@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 # Photos decoded before the model runs once; bounds memory on large folders.
 PHOTOS_PER_BATCH = 64
+# Binary tasks: the positive class from this probability on, unless another threshold is asked for.
+DEFAULT_THRESHOLD = 0.5
 
 
 class PredictionError(ValueError):
@@ -69,6 +71,8 @@ class Prediction:
     probabilities: list[float]
     top: list[tuple[str, float]]
     """The ``k`` most probable classes with their probabilities, most probable first."""
+    label: str
+    """The predicted class: the most probable one, or for binary tasks the decision at the threshold."""
     image_id: int | None = None
     annotation_id: int | None = None
     bbox: list[float] | None = None
@@ -79,7 +83,7 @@ class Prediction:
             "image_id": self.image_id,
             "annotation_id": self.annotation_id,
             "bbox": self.bbox,
-            "label": self.top[0][0],
+            "label": self.label,
             "top": [{"class": name, "probability": probability} for name, probability in self.top],
         }
 
@@ -108,12 +112,15 @@ class PredictionResult:
     model: ModelInfo
     predictions: list[Prediction] = field(default_factory=list)
     errors: list[FileError] = field(default_factory=list)
+    threshold: float | None = None
+    """Binary tasks: the probability of the positive class from which a photo is labelled positive."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": str(self.model.model_path),
             "task": self.model.task,
             "class_names": self.model.class_names,
+            "threshold": self.threshold,
             "predictions": [prediction.to_dict() for prediction in self.predictions],
             "errors": [error.to_dict() for error in self.errors],
         }
@@ -139,6 +146,9 @@ def resolve_model_path(model: str | Path) -> Path:
         path = path / BEST_MODEL
     if not path.is_file():
         raise PredictionError(f"model not found: {path}; pass a .keras file or an output folder of 'raywaste tune'")
+    if path.suffix.lower() != ".keras":
+        raise PredictionError(f"{path} is not a model; the first argument is a .keras file or an output folder of "
+                              "'raywaste tune', and the photos follow it")
     return path
 
 
@@ -195,25 +205,29 @@ def predict(
     annotations: str | Path | None = None,
     whole_image: bool = False,
     top_k: int = 3,
+    threshold: float | str | None = None,
 ) -> PredictionResult:
     """Classify the photos in ``inputs`` (files or folders) with ``model``.
 
     Crop tasks need ``annotations`` (a COCO file that lists the photos and their boxes)
     unless ``whole_image`` is set. Photos or boxes that fail are collected in
-    ``errors``, and the rest are still classified.
+    ``errors``, and the rest are still classified. For binary tasks, ``threshold`` sets
+    the label: a number in (0, 1), ``"chosen"`` for the threshold that evaluation chose on
+    the validation split (read from ``metrics.json`` beside the model), or None for 0.5.
     """
     info = load_model_info(model)
     if top_k < 1:
         raise PredictionError(f"invalid top-k {top_k}; expected 1 or more")
+    decision = _decision_threshold(info, threshold)
     if info.is_crop_task and annotations is None and not whole_image:
         raise PredictionError(
             f"the model classifies boxes (task {info.task}); pass an annotations file with the photos' boxes, "
-            "or classify each whole photo as one box with --whole-image"
+            "or classify each whole photo as one box (--whole-image, or whole_image=True in Python)"
         )
     index = _ImageIndex(load_annotations(annotations)) if annotations is not None else None
 
     files, errors = find_images(inputs)
-    result = PredictionResult(info, errors=errors)
+    result = PredictionResult(info, errors=errors, threshold=decision)
     requests = []
     for path in files:
         request = _request_for(path, info, index, whole_image)
@@ -228,6 +242,39 @@ def predict(
     for start in range(0, len(requests), PHOTOS_PER_BATCH):
         _classify(keras_model, info, requests[start:start + PHOTOS_PER_BATCH], top_k, result)
     return result
+
+
+def _decision_threshold(info: ModelInfo, threshold: float | str | None) -> float | None:
+    """Return the binary decision threshold for a ``threshold`` request; None for multi-class models."""
+    if info.is_crop_task:
+        if threshold is not None:
+            raise PredictionError(f"--threshold applies to binary tasks only; the model's task is {info.task}")
+        return None
+    if threshold is None:
+        return DEFAULT_THRESHOLD
+    if threshold == "chosen":
+        from raywaste.evaluation import METRICS_FILE
+
+        metrics_path = info.model_path.parent / METRICS_FILE
+        try:
+            metrics = json.loads(metrics_path.read_text())
+        except FileNotFoundError:
+            metrics = {}
+        except (OSError, json.JSONDecodeError) as error:
+            raise PredictionError(f"cannot read {metrics_path}: {error}; run 'raywaste evaluate' again") from error
+        chosen = metrics.get("chosen_threshold")
+        scored_model = metrics.get("model")
+        if not chosen or (scored_model and Path(scored_model).resolve() != info.model_path.resolve()):
+            raise PredictionError(f"no threshold chosen for {info.model_path.name} in {metrics_path}; "
+                                  "run 'raywaste evaluate' on its folder first, or pass a number")
+        return float(chosen["value"])
+    try:
+        value = float(threshold)
+    except (TypeError, ValueError):
+        value = -1.0
+    if not 0.0 < value < 1.0:
+        raise PredictionError(f"invalid threshold {threshold!r}; expected a number between 0 and 1, or 'chosen'")
+    return value
 
 
 def _request_for(path: Path, info: ModelInfo, index: _ImageIndex | None, whole_image: bool) -> _Request | FileError:
@@ -338,10 +385,15 @@ def _classify(model, info: ModelInfo, requests: list[_Request], top_k: int, resu
     k = min(top_k, len(info.class_names))
     for row, (request, box, annotation_id) in zip(probabilities, owners):
         order = np.argsort(-row, kind="stable")[:k]
+        if result.threshold is not None:
+            label = info.class_names[int(row[1] >= result.threshold)]
+        else:
+            label = info.class_names[int(order[0])]
         result.predictions.append(Prediction(
             file=request.display_name,
             probabilities=[float(value) for value in row],
             top=[(info.class_names[index], float(row[index])) for index in order],
+            label=label,
             image_id=request.image_id,
             annotation_id=annotation_id,
             bbox=list(box) if box is not None else None,
@@ -357,5 +409,5 @@ def format_predictions(result: PredictionResult) -> str:
             box = ", ".join(f"{value:g}" for value in prediction.bbox or [])
             where += f" annotation {prediction.annotation_id} (box {box})"
         classes = ", ".join(f"{name} {probability:.3f}" for name, probability in prediction.top)
-        lines.append(f"{where}: {classes}")
+        lines.append(f"{where}: {prediction.label} ({classes})")
     return "\n".join(lines)

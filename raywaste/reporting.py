@@ -22,8 +22,15 @@ from typing import Any
 
 from raywaste import __version__
 from raywaste.annotations import AnnotationsError
-from raywaste.dataset import DATASET_FILE, SUMMARY_FILE
-from raywaste.evaluation import DEFAULT_THRESHOLD, METRICS_FILE, comparison_rows, model_data_dir
+from raywaste.dataset import DATASET_FILE, SUMMARY_FILE, DatasetError, load_dataset_info
+from raywaste.evaluation import (
+    DEFAULT_THRESHOLD,
+    METRICS_FILE,
+    EvaluationError,
+    comparison_rows,
+    dataset_changes,
+    model_data_dir,
+)
 from raywaste.inspection import (
     BOX_SIZES_PNG,
     SAMPLES_PNG,
@@ -33,6 +40,7 @@ from raywaste.inspection import (
     sample_tiles,
 )
 from raywaste.plots import plot_buckets, plot_counts, plot_image_grid, plot_split_counts
+from raywaste.tune_results import HYPERPARAMETER_PLOT, METRIC_PLOT
 from raywaste.tuning import BEST_MODEL, BEST_MODEL_INFO, RESULTS_FILE, TUNE_DIR
 
 log = logging.getLogger(__name__)
@@ -49,6 +57,13 @@ EVALUATION_FIGURES = (
     ("precision_recall", "Precision-recall curve of the positive class, with the 0.5 and the chosen thresholds."),
     ("misclassified", "The most confident mistakes, as the model saw them (the stored input pixels)."),
 )
+
+TUNING_CAPTIONS = {
+    METRIC_PLOT: "The validation metric of every trial by epoch. The best trial is drawn in red, and a cross marks "
+                 "the last epoch of a trial that the scheduler stopped early.",
+    HYPERPARAMETER_PLOT: "Each searched hyperparameter against the trial's validation metric at its last epoch. "
+                         "Hollow markers are trials stopped early.",
+}
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; padding: 0 1em; color: #222; }
@@ -81,6 +96,7 @@ def build_report(out_dir: str | Path) -> Path:
         _tuning_section(out_dir),
         _evaluation_section(out_dir, metrics),
     ]
+    stale = _stale_results_warning(out_dir, metrics)
     page = "\n".join([
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -89,6 +105,7 @@ def build_report(out_dir: str | Path) -> Path:
         f'<p class="note">{_text(str(out_dir))}, written {time.strftime("%Y-%m-%d %H:%M:%S")} by raywaste {__version__}</p>',
         '<p><a href="#dataset">Dataset</a> · <a href="#splits">Splits</a> · <a href="#tuning">Tuning</a> · '
         '<a href="#evaluation">Test evaluation</a></p>',
+        *stale,
         *sections,
         "</body></html>",
     ])
@@ -98,10 +115,29 @@ def build_report(out_dir: str | Path) -> Path:
     return path
 
 
+def _stale_results_warning(out_dir: Path, metrics: dict | None) -> list[str]:
+    """Warn when the best model or the test scores were made from another dataset than the one shown."""
+    model_info = _read_json(out_dir / BEST_MODEL_INFO)
+    if model_info is None:
+        return []
+    try:
+        info = load_dataset_info(out_dir / model_data_dir(out_dir / BEST_MODEL))
+    except (DatasetError, EvaluationError):
+        return []
+    changes = dataset_changes(model_info, info)
+    if metrics is not None and metrics.get("class_names") != info.class_names and "class_names" not in changes:
+        changes.append(f"class_names of {METRICS_FILE}")
+    if not changes:
+        return []
+    return [f'<p class="missing">The tuning and test results on this page come from a model tuned on another dataset '
+            f"than the one described here (changed: {_text(', '.join(changes))}). Run <code>raywaste tune {_text(str(out_dir))} "
+            f"--overwrite</code> and <code>raywaste evaluate {_text(str(out_dir))}</code> to bring them up to date.</p>"]
+
+
 def _dataset_section(out_dir: Path, dataset: dict | None, figures_dir: Path) -> str:
     parts = ['<h2 id="dataset">Dataset</h2>']
     if dataset is None:
-        return "\n".join(parts + [_missing(f"no {DATASET_FILE} in {out_dir / 'data'}", "raywaste preprocess TACO_DIR OUT")])
+        return "\n".join(parts + [_missing(f"no {DATASET_FILE} in {out_dir / 'data'}", f"raywaste preprocess TACO_DIR {out_dir}")])
 
     settings = dataset.get("settings", {})
     image = settings.get("image", {})
@@ -162,7 +198,7 @@ def _annotations_overview(annotations: Path, photos_root: Path, figures_dir: Pat
 def _splits_section(out_dir: Path, dataset: dict | None, figures_dir: Path) -> str:
     parts = ['<h2 id="splits">Splits</h2>']
     if dataset is None:
-        return "\n".join(parts + [_missing("no dataset yet", "raywaste preprocess TACO_DIR OUT")])
+        return "\n".join(parts + [_missing("no dataset yet", f"raywaste preprocess TACO_DIR {out_dir}")])
     summary = {split: entry["per_class"] for split, entry in dataset["counts"].items()}
     splits = list(summary)
     rows = [[name, *(summary[split][name] for split in splits), sum(summary[split][name] for split in splits)]
@@ -179,7 +215,7 @@ def _tuning_section(out_dir: Path) -> str:
     parts = ['<h2 id="tuning">Tuning</h2>']
     results = out_dir / TUNE_DIR / RESULTS_FILE
     if not results.is_file():
-        return "\n".join(parts + [_missing(f"no {TUNE_DIR}/{RESULTS_FILE}", "raywaste tune OUT")])
+        return "\n".join(parts + [_missing(f"no {TUNE_DIR}/{RESULTS_FILE}", f"raywaste tune {out_dir}")])
 
     best = _read_json(out_dir / BEST_MODEL_INFO)
     if best:
@@ -194,14 +230,14 @@ def _tuning_section(out_dir: Path) -> str:
         parts.append(f'<p class="note">All trials, best first ({TUNE_DIR}/{RESULTS_FILE}).</p>')
         parts.append(_table(header, [[_cell(row.get(column, "")) for column in columns] for row in rows]))
     for png in sorted((out_dir / TUNE_DIR).glob("*.png")):
-        parts.append(_figure(png, out_dir, png.stem.replace("_", " ")))
+        parts.append(_figure(png, out_dir, TUNING_CAPTIONS.get(png.name, png.stem.replace("_", " "))))
     return "\n".join(parts)
 
 
 def _evaluation_section(out_dir: Path, metrics: dict | None) -> str:
     parts = ['<h2 id="evaluation">Test evaluation</h2>']
     if metrics is None:
-        return "\n".join(parts + [_missing(f"no {METRICS_FILE}", "raywaste evaluate OUT")])
+        return "\n".join(parts + [_missing(f"no {METRICS_FILE}", f"raywaste evaluate {out_dir}")])
 
     split = metrics.get("split", "test")
     summary = f"{metrics['num_examples']} examples of the {split} split: accuracy {metrics['accuracy']:.3f}, macro F1 {metrics['macro_f1']:.3f}"

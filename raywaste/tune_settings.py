@@ -23,6 +23,8 @@ BINARY_METRICS = {"auto": "val_average_precision", "average_precision": "val_ave
 MULTICLASS_METRICS = {"auto": "val_macro_f1", "macro_f1": "val_macro_f1"}
 log = logging.getLogger(__name__)
 
+# ASHA's grace period when none is given, in epochs.
+DEFAULT_GRACE_PERIOD = 3
 # Ray's PBT warns that num_to_keep <= 2 can delete a checkpoint that another trial is about to clone.
 PBT_MIN_KEEP_CHECKPOINTS = 3
 
@@ -46,8 +48,8 @@ class TuneSettings:
     search: str = "random"
     metric: str = "auto"
     """auto (binary: average precision, multi-class: macro F1), average_precision, f1 or macro_f1."""
-    grace_period: int = 3
-    """ASHA: epochs every trial runs before it may be stopped."""
+    grace_period: int | None = None
+    """ASHA: epochs every trial runs before it may be stopped; None: DEFAULT_GRACE_PERIOD, or max_epochs when fewer."""
     reduction_factor: int = 3
     """ASHA and HyperBand: about 1 in this many trials continues at each rung."""
     perturbation_interval: int = 2
@@ -97,6 +99,12 @@ class TuneSettings:
             return self.keep_checkpoints
         return PBT_MIN_KEEP_CHECKPOINTS if self.scheduler == "pbt" else 2
 
+    def grace_period_for(self, max_epochs: int) -> int:
+        """Return ASHA's grace period: the one given, or the default capped at ``max_epochs``."""
+        if self.grace_period is not None:
+            return self.grace_period
+        return min(DEFAULT_GRACE_PERIOD, max_epochs)
+
     def apply_to(self, space: SearchSpace) -> SearchSpace:
         """Return ``space`` with this run's overrides of max_epochs, batch_size and class_weight."""
         changes = {name: getattr(self, name) for name in ("max_epochs", "batch_size", "class_weight") if getattr(self, name) is not None}
@@ -120,13 +128,14 @@ def check_combination(settings: TuneSettings, space: SearchSpace) -> None:
     if search == "optuna" and importlib.util.find_spec("optuna") is None:
         raise TuningError("--search optuna needs the optuna package; install it with: pip install 'raywaste[optuna]'")
 
-    if scheduler == "asha" and settings.grace_period > max_epochs:
+    grace_period = settings.grace_period_for(max_epochs)
+    if scheduler == "asha" and grace_period > max_epochs:
         # Ray's ASHAScheduler asserts grace_period <= max_t.
-        raise TuningError(f"ASHA: --grace-period {settings.grace_period} is longer than max_epochs {max_epochs}; "
-                          "lower --grace-period or raise max_epochs")
-    if scheduler == "asha" and settings.grace_period == max_epochs:
+        raise TuningError(f"ASHA: --grace-period {grace_period} is longer than --max-epochs {max_epochs}; "
+                          "lower --grace-period or raise --max-epochs")
+    if scheduler == "asha" and grace_period == max_epochs:
         # Ray accepts it, and short smoke runs use it, but every trial then runs to the end.
-        log.warning("ASHA: --grace-period %d equals max_epochs, so no trial can be stopped early", settings.grace_period)
+        log.warning("ASHA: grace period %d equals --max-epochs, so no trial can be stopped early", grace_period)
 
     if scheduler == "hyperband":
         # HyperBandScheduler skips every bracket whose first rung int(max_t / eta**s) is 0; with
@@ -185,7 +194,7 @@ def make_scheduler(settings: TuneSettings, space: SearchSpace):
 
     max_epochs = int(space["max_epochs"])
     if settings.scheduler == "asha":
-        return ASHAScheduler(time_attr="training_iteration", max_t=max_epochs, grace_period=settings.grace_period,
+        return ASHAScheduler(time_attr="training_iteration", max_t=max_epochs, grace_period=settings.grace_period_for(max_epochs),
                              reduction_factor=settings.reduction_factor)
     if settings.scheduler == "hyperband":
         return HyperBandScheduler(time_attr="training_iteration", max_t=max_epochs, reduction_factor=settings.reduction_factor)

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from raywaste import __version__
-from raywaste.dataset import DatasetError, DatasetInfo, find_datasets, load_dataset_info, load_split_arrays
+from raywaste.dataset import MANIFEST_FILE, DatasetError, DatasetInfo, find_datasets, load_dataset_info, load_split_arrays
 from raywaste.model import BACKBONE_MIN_SIZE
 from raywaste.search_space import (
     PARAMETERS,
@@ -341,6 +341,14 @@ def _trainable(data: dict[str, TrialData], settings: TuneSettings):
     )
 
 
+def _annotations_sha256(data_dir: Path) -> str | None:
+    """Return the checksum of the annotations a dataset was made from, from its manifest."""
+    try:
+        return json.loads((data_dir / MANIFEST_FILE).read_text()).get("annotations_sha256")
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
 def _run_config(out_dir: Path, settings: TuneSettings, metric: str, mode: str):
     from ray import tune as ray_tune
 
@@ -394,6 +402,7 @@ def _write_results(out_dir: Path, run: TuningRun, results) -> TuneResult:
         "color_mode": info.color_mode,
         "data_dir": folder,
         "dataset": info.raw.get("settings"),
+        "annotations_sha256": _annotations_sha256(out_dir / folder),
         "config": best_config,
         "metric": metric,
         "mode": mode,

@@ -350,6 +350,44 @@ def test_driver_with_env_file_runs_on_every_node(running_job):
     assert "CPUS " + str([(host, float(NCPUS)) for host in HOSTS]) in result.stdout
 
 
+def http_json(url: str, token: str):
+    request = urllib.request.Request(url)
+    request.add_header("Authorization", f"Bearer {token}")
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
+
+
+@pytest.mark.slow
+def test_dashboard_shows_preprocessing_and_trials(running_job, taco_sample, tmp_path):
+    out = tmp_path / "out"
+    code = (
+        "import ray, raywaste\n"
+        "ray.init()\n"
+        "print('JOB', ray.get_runtime_context().get_job_id())\n"
+        f"raywaste.preprocess({str(taco_sample)!r}, {str(out)!r}, task='binary:Bottle', size=16)\n"
+        f"raywaste.tune({str(out)!r}, num_samples=1, max_epochs=1, scheduler='fifo',\n"
+        "              search_space={'model': {'conv_blocks': 1, 'filters': 4, 'dense_units': 8}})\n"
+    )
+    result = run_driver(running_job, code, running_job.ray_env(), timeout_s=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    job_id = re.search(r"^JOB (\w+)$", result.stdout, re.M)[1]
+    url = running_job.ray_env()["RAYWASTE_DASHBOARD_URL"]
+    token = (running_job.job_dir / "token").read_text()
+
+    # The job page's Ray Data table lists the preprocessing dataset with its operators.
+    datasets = http_json(f"{url}/api/data/datasets/{job_id}", token)["datasets"]
+    assert datasets, f"no Ray Data dataset for job {job_id}"
+    operators = [operator["operator"] for dataset in datasets for operator in dataset["operators"]]
+    assert any("MapBatches(process_groups)" in name for name in operators), operators
+    assert all(dataset["state"] == "FINISHED" for dataset in datasets), datasets
+
+    # The Actors page lists the Tune trial of this driver's job; Tune runs a function
+    # trainable in an actor of its class ImplicitFunc.
+    actors = http_json(f"{url}/api/v0/actors?limit=10000&detail=1", token)["data"]["result"]["result"]
+    trials = [actor for actor in actors if actor["class_name"] == "ImplicitFunc" and actor["job_id"] == job_id]
+    assert len(trials) == 1, sorted({(actor["class_name"], actor["job_id"]) for actor in actors})
+
+
 @pytest.mark.slow
 def test_second_job_survives_first_stop(running_job, tmp_path, sim_home):
     # The worker of job B fails its first start, so B also shows that a failed worker is

@@ -18,9 +18,10 @@ from PIL import Image
 import raywaste
 from raywaste.cli import main
 from raywaste.dataset import load_dataset_info, read_split_table, table_to_arrays
-from raywaste.evaluation import EvaluationSettings, evaluate
+from raywaste.evaluation import EvaluationError, EvaluationSettings, evaluate
 from raywaste.metrics import classification_report
 from raywaste.prediction import PredictionError, predict
+from raywaste.preprocessing import RunOptions
 from raywaste.reporting import build_report
 
 pytestmark = pytest.mark.slow
@@ -89,6 +90,29 @@ def f1_of_positive(labels, predicted):
 
 
 # Evaluation
+
+
+def test_evaluate_rejects_model_of_other_dataset(binary_out, taco_sample, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(binary_out[0], out)
+    # The same task preprocessed again with another seed puts other photos in the test split.
+    raywaste.preprocess(taco_sample, out, task="binary:Bottle", size=32, seed=1,
+                        options=RunOptions(overwrite=True))
+    with pytest.raises(EvaluationError, match=r"changed: settings\.seed.*raywaste tune .* --overwrite"):
+        evaluate(out)
+    page = build_report(out).read_text()
+    assert "come from a model tuned on another dataset" in page
+    assert "settings.seed" in page
+
+
+def test_export_default_folder_per_dataset(binary_out, tmp_path):
+    from raywaste.export import export_npy
+
+    (tmp_path / "data-32-copy").symlink_to(binary_out[0] / "data", target_is_directory=True)
+    result = export_npy(tmp_path, dataset_name="data-32-copy")
+    assert result.dest == tmp_path / "npy-32-copy"
+    assert (tmp_path / "npy-32-copy" / "train_images.npy").is_file()
+    assert not (tmp_path / "npy").exists()
 
 
 def test_threshold_chosen_on_validation(binary_out):
@@ -242,6 +266,27 @@ def test_cli_predict_text_output(binary_out, taco_sample):
     assert "no Bottle" in line
 
 
+def test_predict_threshold_sets_binary_label(binary_out, taco_sample):
+    out, _ = binary_out
+    photos = [taco_sample / "batch_1"]
+    chosen = json.loads((out / "metrics.json").read_text())["chosen_threshold"]["value"]
+    for threshold, expected in ((None, 0.5), ("chosen", chosen), (0.01, 0.01), ("0.99", 0.99)):
+        result = predict(out, photos, threshold=threshold)
+        assert result.threshold == pytest.approx(expected)
+        for prediction in result.predictions:
+            assert prediction.label == ("Bottle" if prediction.probabilities[1] >= expected else "no Bottle")
+    with pytest.raises(PredictionError, match="invalid threshold 'high'"):
+        predict(out, photos, threshold="high")
+    with pytest.raises(PredictionError, match="invalid threshold 1.5"):
+        predict(out, photos, threshold=1.5)
+
+
+def test_predict_threshold_needs_binary_task(crop_out, taco_sample):
+    out, _, _ = crop_out
+    with pytest.raises(PredictionError, match="binary tasks only"):
+        predict(out, [taco_sample / "batch_1"], whole_image=True, threshold=0.5)
+
+
 def test_predict_needs_metadata(binary_out, tmp_path):
     out, _ = binary_out
     shutil.copy(out / "best_model.keras", tmp_path / "model.keras")
@@ -308,6 +353,6 @@ def test_report_before_tuning(crop_out):
     report = build_report(out)
     text = report.read_text(encoding="utf-8")
     assert "Not available: no tune/results.csv" in text
-    assert "raywaste tune OUT" in text
+    assert f"raywaste tune {out.resolve()}" in text
     for source in references(report):
         assert (out / source).is_file(), source

@@ -71,7 +71,7 @@ def test_overrides_apply_to_space():
          "HyperBand: max_epochs 3 is below --reduction-factor 4"),
         (TuneSettings(scheduler="hyperband", checkpoint_every=2), default_search_space(), "use --checkpoint-every 1"),
         (TuneSettings(grace_period=5), default_search_space().with_values(max_epochs=3),
-         "ASHA: --grace-period 5 is longer than max_epochs 3"),
+         "ASHA: --grace-period 5 is longer than --max-epochs 3"),
         (TuneSettings(scheduler="fifo", checkpoint_every=4), default_search_space().with_values(max_epochs=3),
          "--checkpoint-every 4 is longer than max_epochs 3"),
     ],
@@ -98,6 +98,15 @@ def test_combinations_that_work(settings):
     check_combination(settings, space)
     assert make_scheduler(settings, space) is not None
     assert make_searcher(settings) is not None
+
+
+def test_default_grace_period_capped_at_max_epochs():
+    assert TuneSettings().grace_period_for(15) == 3
+    assert TuneSettings().grace_period_for(2) == 2
+    assert TuneSettings(grace_period=5).grace_period_for(2) == 5
+    space = default_search_space().with_values(max_epochs=2)
+    check_combination(TuneSettings(), space)
+    assert make_scheduler(TuneSettings(), space) is not None
 
 
 def test_grace_period_of_all_epochs_only_warns(caplog):
