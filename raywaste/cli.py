@@ -232,12 +232,14 @@ def main(verbose: int) -> None:
 @_handle_errors
 def preprocess(taco_dir, out, seed, overwrite, address, num_cpus, **params):
     """Decode TACO photos in TACO_DIR into Parquet splits under OUT/data."""
+    from raywaste.preprocessing import check_inputs
     from raywaste.preprocessing import preprocess as run_preprocess
     from raywaste.runtime import ray_session
 
     settings, options, annotations = _preprocess_inputs(params, seed, overwrite)
+    inputs = check_inputs(taco_dir, settings, annotations)
     with ray_session(address, num_cpus):
-        result = run_preprocess(taco_dir, out, settings, annotations=annotations, options=options)
+        result = run_preprocess(taco_dir, out, settings, annotations=annotations, options=options, inputs=inputs)
     if result.reused:
         click.echo(f"{result.data_dir} is up to date with these inputs and settings; nothing to do (--overwrite rebuilds it)")
     click.echo(f"dataset in {result.data_dir}: " + ", ".join(f"{split} {count}" for split, count in result.info.counts.items()))
@@ -385,6 +387,7 @@ def predict(model, images, annotations, whole_image, top_k, threshold, as_json):
 def run(taco_dir, out, seed, overwrite, address, num_cpus, space, **params):
     """Preprocess TACO_DIR, tune, evaluate on the test split and write OUT/report.html."""
     from raywaste.evaluation import evaluate as run_evaluate
+    from raywaste.preprocessing import check_inputs
     from raywaste.preprocessing import preprocess as run_preprocess
     from raywaste.reporting import build_report
     from raywaste.runtime import ray_session
@@ -393,8 +396,9 @@ def run(taco_dir, out, seed, overwrite, address, num_cpus, space, **params):
     settings, options, annotations = _preprocess_inputs(params, seed, overwrite)
     tune_settings = _tune_settings(params, seed)
     _check_tune_inputs(out, tune_settings, space, overwrite, "run")
+    inputs = check_inputs(taco_dir, settings, annotations)
     with ray_session(address, num_cpus):
-        run_preprocess(taco_dir, out, settings, annotations=annotations, options=options)
+        run_preprocess(taco_dir, out, settings, annotations=annotations, options=options, inputs=inputs)
         run_tune(out, tune_settings, search_space=space, overwrite=overwrite)
     run_evaluate(out)
     click.echo(f"report written to {build_report(out)}")

@@ -60,6 +60,8 @@ log = logging.getLogger(__name__)
 
 # Reasons that drop an example on purpose; they are reported but do not count as errors.
 SKIP_REASONS = frozenset({"box_too_small"})
+# Failed photos named one by one in the log; errors.jsonl lists them all.
+FAILED_PHOTOS_LOGGED = 20
 _STAGED_ERRORS = "_errors"
 _STAGED_TASKS = "_tasks"
 _STAGING_PREFIX = ".data-staging-"
@@ -276,7 +278,7 @@ def _check_existing(data_dir: Path, inputs: CheckedInputs, overwrite: bool) -> P
     if missing:
         raise PreprocessError(f"{data_dir} is incomplete ({len(missing)} file(s) missing, e.g. {missing[0]}); pass --overwrite to rebuild it")
     info = load_dataset_info(data_dir)
-    log.warning("%s is up to date with these inputs and settings; nothing to do", data_dir)
+    log.info("%s is up to date with these inputs and settings; nothing to do", data_dir)
     errors = info.raw.get("errors", {})
     return PreprocessResult(data_dir, info, errors.get("failed", 0), errors.get("skipped", 0), reused=True)
 
@@ -477,14 +479,39 @@ def _write_atomically(target: Path, text: str) -> None:
     os.replace(temporary, target)
 
 
+def _log_failed_photos(failed: list[dict], errors_path: Path) -> None:
+    """Log one line per photo that failed (not per crop), up to FAILED_PHOTOS_LOGGED photos."""
+    photos: dict[tuple[str, str], str] = {}
+    for failure in failed:
+        photos.setdefault((failure["file_name"], failure["reason"]), failure["message"])
+    for (file_name, reason), message in sorted(photos.items())[:FAILED_PHOTOS_LOGGED]:
+        log.warning("failed %s (%s): %s", file_name, reason, message)
+    if len(photos) > FAILED_PHOTOS_LOGGED:
+        log.warning("... and %d more failed photo(s), all listed in %s", len(photos) - FAILED_PHOTOS_LOGGED, errors_path)
+
+
+def _warn_missing_classes(counts: dict[str, dict[str, Any]], task: TaskExamples) -> None:
+    """Warn about classes that no train example or no val example represents."""
+    per_class = {split: counts[split]["per_class"] for split in SPLITS}
+    untrained = [name for name in task.class_names if per_class["train"][name] == 0]
+    if untrained:
+        log.warning("%d class(es) have no train example and cannot be learned: %s; merge small classes with "
+                    "--min-class-examples N or use a class map", len(untrained), ", ".join(untrained))
+    unvalidated = [name for name in task.class_names if per_class["val"][name] == 0 and name not in untrained]
+    if task.task.startswith("binary:") and task.class_names[1] in unvalidated:
+        log.warning("the val split has no %r example, so the tuning metric (average precision or F1 of %r) is "
+                    "undefined; use a larger val fraction (--split) or more photos", task.class_names[1], task.class_names[1])
+    elif unvalidated:
+        log.warning("%d class(es) have no val example, so tuning cannot measure them: %s", len(unvalidated), ", ".join(unvalidated))
+
+
 def _write_group_errors(errors_dir: Path, group: dict, failures: list[dict]) -> None:
     first = group["photos"][0]["image_id"]
     _write_atomically(errors_dir / f"{group['split']}-{first:012d}.jsonl", "".join(json.dumps(failure) + "\n" for failure in failures))
-    # One line per photo, not per crop: a photo with 30 crops fails once.
+    # The driver reports the failures after the run (Ray's log deduplication would fold
+    # worker lines that differ only in digits, as TACO's file names do).
     for file_name, reason in sorted({(f["file_name"], f["reason"]) for f in failures}):
-        level = logging.INFO if reason in SKIP_REASONS else logging.WARNING
-        message = next(f["message"] for f in failures if f["file_name"] == file_name and f["reason"] == reason)
-        log.log(level, "skipped %s (%s): %s", file_name, reason, message)
+        log.debug("%s %s (%s)", "skipped" if reason in SKIP_REASONS else "failed", file_name, reason)
 
 
 def _arrange_staged_files(staging: Path) -> dict[str, list[Path]]:
@@ -594,6 +621,8 @@ def _finish(
     _write_summary_csv(staging / SUMMARY_FILE, summary)
     _write_jsonl(staging / ERRORS_FILE, errors)
 
+    _log_failed_photos(failed, data_dir / ERRORS_FILE)
+    _warn_missing_classes(counts, task)
     reasons = Counter(e["reason"] for e in errors)
     if errors:
         print(f"{len(failed)} of {total} examples failed and {len(skipped)} were skipped: "

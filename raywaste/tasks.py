@@ -202,10 +202,10 @@ def _map_label_getter(taco: Taco, class_map: ClassMap):
     # A line for a category that the annotations do not have is most likely a typo, and
     # would otherwise be ignored without a trace. TACO's own maps have four such lines.
     known = {category.name.casefold() for category in taco.categories.values()}
-    for line_number, name, _ in class_map.lines:
-        if name.casefold() not in known:
-            log.warning("class map %s, line %d: category %r is not in %s; the line is ignored",
-                        class_map.path, line_number, name, taco.path)
+    unknown = [f"line {line_number} {name!r}" for line_number, name, _ in class_map.lines if name.casefold() not in known]
+    if unknown:
+        log.warning("class map %s: %d line(s) name categories that are not in %s, and are ignored: %s",
+                    class_map.path, len(unknown), taco.path, ", ".join(unknown))
 
     classes = class_map.classes
     used = {taco.categories[a.category_id].name for a in taco.annotations}

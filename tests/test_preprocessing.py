@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import struct
@@ -440,3 +441,38 @@ def test_checked_inputs_must_match(taco_sample, tmp_path):
     with pytest.raises(ValueError, match="belong to another TACO folder"):
         preprocess(tmp_path, tmp_path, PreprocessSettings(task="supercategory"), inputs=inputs)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_photos_logged_once_each(caplog, tmp_path):
+    from raywaste.preprocessing import FAILED_PHOTOS_LOGGED, _log_failed_photos
+
+    # Two crops of one photo fail once in the log; photos beyond the limit are counted.
+    failed = [{"file_name": "batch_1/000001.jpg", "reason": "corrupt_image", "message": "cannot be decoded"}] * 2
+    failed += [{"file_name": f"batch_2/{n:06d}.jpg", "reason": "missing_file", "message": "not found"}
+               for n in range(FAILED_PHOTOS_LOGGED + 3)]
+    with caplog.at_level(logging.WARNING, logger="raywaste.preprocessing"):
+        _log_failed_photos(failed, tmp_path / "errors.jsonl")
+    messages = [record.getMessage() for record in caplog.records]
+    assert len(messages) == FAILED_PHOTOS_LOGGED + 1
+    assert messages[0] == "failed batch_1/000001.jpg (corrupt_image): cannot be decoded"
+    assert messages[-1] == f"... and 4 more failed photo(s), all listed in {tmp_path / 'errors.jsonl'}"
+
+
+def test_missing_classes_warned(caplog):
+    from raywaste.preprocessing import _warn_missing_classes
+    from raywaste.tasks import TaskExamples
+
+    def counts(train, val):
+        return {"train": {"per_class": train}, "val": {"per_class": val}, "test": {"per_class": {}}}
+
+    binary = TaskExamples(task="binary:Bottle", class_names=["no Bottle", "Bottle"], examples=[], is_crop_task=False)
+    crops = TaskExamples(task="supercategory", class_names=["Bottle", "Can", "Lid"], examples=[], is_crop_task=True)
+    with caplog.at_level(logging.WARNING, logger="raywaste.preprocessing"):
+        _warn_missing_classes(counts({"no Bottle": 80, "Bottle": 20}, {"no Bottle": 10, "Bottle": 0}), binary)
+        _warn_missing_classes(counts({"Bottle": 5, "Can": 0, "Lid": 3}, {"Bottle": 1, "Can": 0, "Lid": 0}), crops)
+        _warn_missing_classes(counts({"no Bottle": 80, "Bottle": 20}, {"no Bottle": 10, "Bottle": 2}), binary)
+    messages = [record.getMessage() for record in caplog.records]
+    assert len(messages) == 3
+    assert messages[0].startswith("the val split has no 'Bottle' example")
+    assert messages[1].startswith("1 class(es) have no train example and cannot be learned: Can;")
+    assert messages[2] == "1 class(es) have no val example, so tuning cannot measure them: Lid"
