@@ -17,7 +17,8 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from raywaste.evaluation import EvaluationResult
+from raywaste.baselines import DenseBaselineSettings
+from raywaste.evaluation import EvaluationResult, EvaluationSettings
 from raywaste.evaluation import evaluate as _evaluate
 from raywaste.prediction import predict
 from raywaste.preprocessing import PreprocessResult, PreprocessSettings, RunOptions, check_inputs, settings_with
@@ -93,9 +94,21 @@ def resume(out_dir: str | Path, *, address: str | None = None) -> TuneResult:
         return _resume(out_dir)
 
 
-def evaluate(out_dir: str | Path, *, model: str | Path | None = None) -> EvaluationResult:
-    """Score the best model on the test split and write ``out_dir/metrics.json``; needs no Ray."""
-    return _evaluate(out_dir, model_path=model)
+def evaluate(
+    out_dir: str | Path,
+    *,
+    model: str | Path | None = None,
+    baseline_epochs: int | None = None,
+) -> EvaluationResult:
+    """Score the best model on the test split and write ``out_dir/metrics.json``; needs no Ray.
+
+    ``baseline_epochs`` trains the dense-network baseline for that many epochs (0 leaves
+    it out; None keeps the default).
+    """
+    settings = None
+    if baseline_epochs is not None:
+        settings = EvaluationSettings(dense_baseline=DenseBaselineSettings(epochs=baseline_epochs))
+    return _evaluate(out_dir, model_path=model, settings=settings)
 
 
 def run(

@@ -240,9 +240,8 @@ def preprocess(taco_dir, out, seed, overwrite, address, num_cpus, **params):
     inputs = check_inputs(taco_dir, settings, annotations)
     with ray_session(address, num_cpus):
         result = run_preprocess(taco_dir, out, settings, annotations=annotations, options=options, inputs=inputs)
-    if result.reused:
-        click.echo(f"{result.data_dir} is up to date with these inputs and settings; nothing to do (--overwrite rebuilds it)")
-    click.echo(f"dataset in {result.data_dir}: " + ", ".join(f"{split} {count}" for split, count in result.info.counts.items()))
+    reused = " (up to date: reused; --overwrite rebuilds it)" if result.reused else ""
+    click.echo(f"dataset in {result.data_dir}{reused}: " + ", ".join(f"{split} {count}" for split, count in result.info.counts.items()))
 
 
 @main.command()

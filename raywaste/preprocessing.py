@@ -278,7 +278,7 @@ def _check_existing(data_dir: Path, inputs: CheckedInputs, overwrite: bool) -> P
     if missing:
         raise PreprocessError(f"{data_dir} is incomplete ({len(missing)} file(s) missing, e.g. {missing[0]}); pass --overwrite to rebuild it")
     info = load_dataset_info(data_dir)
-    log.info("%s is up to date with these inputs and settings; nothing to do", data_dir)
+    log.info("%s is up to date with these inputs and settings; nothing to do (overwrite rebuilds it)", data_dir)
     errors = info.raw.get("errors", {})
     return PreprocessResult(data_dir, info, errors.get("failed", 0), errors.get("skipped", 0), reused=True)
 
@@ -709,6 +709,13 @@ def _sha256(path: Path) -> str:
 def settings_with(settings: PreprocessSettings, **changes: Any) -> PreprocessSettings:
     """Return a copy of ``settings`` with top-level fields or image fields changed by name."""
     image_fields = set(ImageSettings.__dataclass_fields__)
+    # The CLI's --image-size is the image field "size".
+    if "image_size" in changes and "size" not in changes:
+        changes["size"] = changes.pop("image_size")
+    known = image_fields | set(PreprocessSettings.__dataclass_fields__) - {"image"}
+    unknown = sorted(set(changes) - known)
+    if unknown:
+        raise TypeError(f"unknown setting(s) {', '.join(unknown)}; expected some of {', '.join(sorted(known))}")
     image_changes = {key: value for key, value in changes.items() if key in image_fields}
     other = {key: value for key, value in changes.items() if key not in image_fields}
     return replace(settings, image=replace(settings.image, **image_changes), **other)

@@ -476,3 +476,11 @@ def test_missing_classes_warned(caplog):
     assert messages[0].startswith("the val split has no 'Bottle' example")
     assert messages[1].startswith("1 class(es) have no train example and cannot be learned: Can;")
     assert messages[2] == "1 class(es) have no val example, so tuning cannot measure them: Lid"
+
+
+def test_settings_names_unknown_keyword():
+    from raywaste.preprocessing import settings_with
+
+    assert settings_with(PreprocessSettings(), image_size=32).image.size == 32
+    with pytest.raises(TypeError, match="unknown setting.s. num_sample; expected some of .*min_class_examples"):
+        settings_with(PreprocessSettings(), num_sample=3)

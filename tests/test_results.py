@@ -115,6 +115,14 @@ def test_export_default_folder_per_dataset(binary_out, tmp_path):
     assert not (tmp_path / "npy").exists()
 
 
+def test_api_evaluate_without_dense_baseline(binary_out, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(binary_out[0], out)
+    result = raywaste.evaluate(out, baseline_epochs=0)
+    assert "dense_network" not in result.report["baselines"]
+    assert "majority_class" in result.report["baselines"]
+
+
 def test_threshold_chosen_on_validation(binary_out):
     out, _ = binary_out
     metrics = json.loads((out / "metrics.json").read_text())
