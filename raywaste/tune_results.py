@@ -1,15 +1,20 @@
 """Readable tuning results: the per-trial table, the best checkpoint, and the plots.
 
-Everything here reads a finished Ray Tune ``ResultGrid`` (or the rows made from it) and
-writes files; nothing runs trials. A trial's history is its reported rows, one per epoch:
-when a restored trial repeats an epoch (it resumed from a checkpoint older than its last
-report), the later report of that epoch wins.
+Everything here reads the ``ResultGrid`` that ``Tuner.fit`` returned (or the rows made
+from it) and writes files; nothing runs trials. A trial's history is its reported rows, one
+per epoch: when a restored trial repeats an epoch (it resumed from a checkpoint older than
+its last report), the later report of that epoch wins.
+
+A trial's status is "ok" (it ran to its end, or its scheduler stopped it), "error", or
+"interrupted": the driver was stopped (Ctrl-C) before the trial finished, and
+``raywaste tune --resume`` continues it.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +29,14 @@ BEST_CONFIG_FILE = "best_config.json"
 METRIC_PLOT = "metric_by_epoch.png"
 HYPERPARAMETER_PLOT = "hyperparameters.png"
 
+STATUS_OK = "ok"
+STATUS_ERROR = "error"
+STATUS_INTERRUPTED = "interrupted"
+# The schedulers that stop trials before max_epochs. FIFO and PBT run every trial to its end.
+EARLY_STOPPING_SCHEDULERS = ("asha", "hyperband")
+# Ray Tune's status of a trial that has ended without an error (ray.tune.experiment.Trial.TERMINATED).
+RAY_TERMINATED = "TERMINATED"
+
 
 @dataclass
 class TrialSummary:
@@ -36,7 +49,9 @@ class TrialSummary:
     """The tuning metric at each epoch of ``epochs``."""
     accuracy: list[float]
     status: str
-    """"ok" or "error"."""
+    """STATUS_OK, STATUS_ERROR or STATUS_INTERRUPTED."""
+    stopped_early: bool
+    """True when ASHA or HyperBand stopped the trial before max_epochs."""
     error: str
     time_s: float
     path: str
@@ -54,8 +69,48 @@ class TrialSummary:
         return self.epochs[-1] if self.epochs else 0
 
 
-def summarize_trials(results, metric: str) -> list[TrialSummary]:
-    """Turn a Ray Tune ``ResultGrid`` into one :class:`TrialSummary` per trial."""
+def saved_trial_states(experiment_dir: Path) -> dict[str, tuple[str, str]]:
+    """Return each trial's id and Ray Tune status, keyed by its folder name, from the experiment's saved state.
+
+    ``Tuner.fit`` saves the experiment state one last time before it stops the trials that
+    still run, so unlike the trials in its ``ResultGrid``, the saved state keeps them
+    RUNNING, PENDING or PAUSED after an interruption (Ray 2.60).
+    """
+    from ray.tune import ExperimentAnalysis
+
+    # Loading the state warns about each trial without results (one that never started),
+    # which Ray has already done when it built the ResultGrid.
+    analysis_log = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    level = analysis_log.level
+    analysis_log.setLevel(logging.ERROR)
+    try:
+        trials = ExperimentAnalysis(str(experiment_dir)).trials
+    finally:
+        analysis_log.setLevel(level)
+    return {Path(trial.path).name: (trial.trial_id, trial.status) for trial in trials}
+
+
+def trial_status(has_error: bool, done: bool, saved_status: str | None) -> str:
+    """Classify a trial as STATUS_OK, STATUS_ERROR or STATUS_INTERRUPTED.
+
+    Ray 2.60 sets the ``done`` metric of a trial's last result when the trainable returns or
+    the scheduler stops the trial, but not when an interrupted ``Tuner.fit`` stops it. After a
+    resume, a trial that finished before the interruption can lack it, so a saved TERMINATED
+    status counts as finished too.
+    """
+    if has_error:
+        return STATUS_ERROR
+    if done or saved_status == RAY_TERMINATED:
+        return STATUS_OK
+    return STATUS_INTERRUPTED
+
+
+def summarize_trials(results, metric: str, max_epochs: int, scheduler: str,
+                     saved_states: dict[str, tuple[str, str]]) -> list[TrialSummary]:
+    """Turn a Ray Tune ``ResultGrid`` into one :class:`TrialSummary` per trial.
+
+    ``saved_states`` is :func:`saved_trial_states` of the experiment.
+    """
     summaries = []
     for result in results:
         history = result.metrics_dataframe
@@ -66,13 +121,19 @@ def summarize_trials(results, metric: str) -> list[TrialSummary]:
                     by_epoch[int(row["epoch"])] = row
         epochs = sorted(by_epoch)
         metrics = result.metrics or {}
+        folder = Path(result.path).name
+        # A trial that never reported has no trial_id metric.
+        saved_id, saved_status = saved_states.get(folder, (folder, None))
+        status = trial_status(result.error is not None, bool(metrics.get("done")), saved_status)
+        epochs_run = epochs[-1] if epochs else 0
         summaries.append(TrialSummary(
-            trial_id=str(metrics.get("trial_id") or Path(result.path).name),
+            trial_id=str(metrics.get("trial_id") or saved_id),
             config=dict(result.config or {}),
             epochs=epochs,
             values=[float(by_epoch[epoch][metric]) for epoch in epochs],
             accuracy=[float(by_epoch[epoch].get("val_accuracy", math.nan)) for epoch in epochs],
-            status="error" if result.error else "ok",
+            status=status,
+            stopped_early=status == STATUS_OK and scheduler in EARLY_STOPPING_SCHEDULERS and epochs_run < max_epochs,
             error=str(result.error).strip().splitlines()[-1] if result.error else "",
             time_s=float(metrics.get("time_total_s", 0.0)),
             path=str(result.path),
@@ -84,7 +145,7 @@ def _is_nan(value: Any) -> bool:
     return isinstance(value, float) and math.isnan(value)
 
 
-def results_rows(trials: list[TrialSummary], metric: str, max_epochs: int) -> list[dict[str, Any]]:
+def results_rows(trials: list[TrialSummary], metric: str) -> list[dict[str, Any]]:
     """Return the rows of results.csv, best trial first."""
     rows = []
     for trial in trials:
@@ -95,7 +156,7 @@ def results_rows(trials: list[TrialSummary], metric: str, max_epochs: int) -> li
             f"last_{metric}": trial.last,
             "last_val_accuracy": trial.accuracy[-1] if trial.accuracy else None,
             "epochs": trial.epochs_run,
-            "stopped_early": trial.status == "ok" and trial.epochs_run < max_epochs,
+            "stopped_early": trial.stopped_early,
             "time_s": round(trial.time_s, 1),
         }
         row.update({f"config/{key}": value for key, value in sorted(trial.config.items())})
@@ -152,7 +213,7 @@ def plot_metric_by_epoch(trials: list[TrialSummary], metric: str, path: Path, be
         axes.plot(trial.epochs, trial.values, color="tab:red" if is_best else "tab:blue", alpha=1.0 if is_best else 0.45,
                   linewidth=2.2 if is_best else 1.0, marker="o", markersize=3, zorder=3 if is_best else 2,
                   label=f"best trial {trial.trial_id}" if is_best else None)
-        if trial.status == "ok" and trial.epochs_run < max_epochs:
+        if trial.stopped_early:
             axes.plot(trial.epochs[-1], trial.values[-1], marker="x", color="black", markersize=7, zorder=4)
             any_early = True
     if any_early:
@@ -169,7 +230,7 @@ def plot_metric_by_epoch(trials: list[TrialSummary], metric: str, path: Path, be
     plt.close(figure)
 
 
-def plot_hyperparameters(trials: list[TrialSummary], space: SearchSpace, metric: str, path: Path, max_epochs: int) -> list[str]:
+def plot_hyperparameters(trials: list[TrialSummary], space: SearchSpace, metric: str, path: Path) -> list[str]:
     """Draw each searched hyperparameter against the trials' final metric; return the names drawn.
 
     Hollow markers are trials stopped early, whose final metric comes from an earlier epoch.
@@ -187,7 +248,7 @@ def plot_hyperparameters(trials: list[TrialSummary], space: SearchSpace, metric:
             axes.set_visible(False)
             continue
         name = names[index]
-        _draw_parameter(axes, name, space[name], finished, max_epochs)
+        _draw_parameter(axes, name, space[name], finished)
         axes.set_title(PARAMETERS[name].key, fontsize=10)
         axes.set_ylabel(f"final {metric}", fontsize=8)
         axes.grid(alpha=0.3)
@@ -205,12 +266,12 @@ def plot_hyperparameters(trials: list[TrialSummary], space: SearchSpace, metric:
     return names
 
 
-def _draw_parameter(axes, name: str, distribution: Distribution, trials: list[TrialSummary], max_epochs: int) -> None:
+def _draw_parameter(axes, name: str, distribution: Distribution, trials: list[TrialSummary]) -> None:
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     values = [trial.config.get(name) for trial in trials]
     finals = [trial.last for trial in trials]
-    early = [trial.epochs_run < max_epochs for trial in trials]
+    early = [trial.stopped_early for trial in trials]
     numeric = all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in values)
     if numeric and not distribution.is_finite:
         x = np.asarray(values, dtype=float)

@@ -11,6 +11,8 @@
    searcher; Ray keeps each trial's best checkpoints under ``OUT/tune/<trial>/``.
 4. Write ``OUT/tune/results.csv`` (one row per trial), ``best_config.json``, the plots,
    and copy the best checkpoint to ``OUT/best_model.keras`` with ``OUT/best_model.json``.
+   When the run was interrupted (Ctrl-C), write only results.csv and raise
+   :class:`TuningInterrupted`, so that no model of unfinished trials is saved.
 
 What this stage leaves for the next: a model that evaluation and prediction load with
 ``keras.models.load_model``, and the metadata that records how its inputs were made.
@@ -23,6 +25,7 @@ import itertools
 import json
 import logging
 import os
+import shlex
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,17 +49,20 @@ from raywaste.tune_results import (
     HYPERPARAMETER_PLOT,
     METRIC_PLOT,
     RESULTS_FILE,
+    STATUS_ERROR,
+    STATUS_INTERRUPTED,
     best_checkpoint,
     plot_hyperparameters,
     plot_metric_by_epoch,
     results_rows,
+    saved_trial_states,
     summarize_trials,
     write_best_config,
     write_results_csv,
 )
 from raywaste.tune_settings import TuneSettings, TuningError, check_combination, make_scheduler, make_searcher, resolve_metric
 
-__all__ = ["TuneResult", "TuneSettings", "TuningError", "default_search_space", "resume", "tune"]
+__all__ = ["TuneResult", "TuneSettings", "TuningError", "TuningInterrupted", "default_search_space", "resume", "tune"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +70,10 @@ TUNE_DIR = "tune"
 RUN_FILE = "tuning.json"
 BEST_MODEL = "best_model.keras"
 BEST_MODEL_INFO = "best_model.json"
+
+
+class TuningInterrupted(TuningError):
+    """The driver was interrupted (Ctrl-C) before every trial finished; ``raywaste tune --resume`` continues the run."""
 
 
 @dataclass
@@ -207,7 +217,7 @@ def resume(out_dir: str | Path) -> TuneResult:
     check_resources(run.settings)
     trainable = _trainable(_load_trial_data(infos), run.settings)
 
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    _set_tune_environment()
     log.info("resuming the tuning run in %s", experiment_dir)
     tuner = ray_tune.Tuner.restore(str(experiment_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
     results = tuner.fit()
@@ -349,12 +359,22 @@ def _annotations_sha256(data_dir: Path) -> str | None:
         return None
 
 
-def _run_config(out_dir: Path, settings: TuneSettings, metric: str, mode: str):
-    from ray import tune as ray_tune
-
+def _set_tune_environment() -> None:
+    """Set the environment variables that Ray Tune reads when ``Tuner.fit`` starts."""
     # A checkpoint every epoch makes Tune snapshot its state often; that is expected here,
     # so Tune's warning about it is silenced.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Unless this is 1, Tune adds its CSV, JSON and TensorBoard loggers. _run_config passes the
+    # CSV and JSON loggers itself, because Tune's TensorBoard logger would repeat the trials'
+    # own event files and print a TensorBoard command for a temporary folder without them.
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+
+
+def _run_config(out_dir: Path, settings: TuneSettings, metric: str, mode: str):
+    from ray import tune as ray_tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    _set_tune_environment()
     return ray_tune.RunConfig(
         name=TUNE_DIR,
         storage_path=str(out_dir),
@@ -363,6 +383,8 @@ def _run_config(out_dir: Path, settings: TuneSettings, metric: str, mode: str):
         ),
         # Artifacts are the TensorBoard files each trial writes into its working directory.
         sync_config=ray_tune.SyncConfig(sync_artifacts=True),
+        # Each trial's progress.csv and result.json, which the ResultGrid and resume read.
+        callbacks=[CSVLoggerCallback(), JsonLoggerCallback()],
         verbose=1,
     )
 
@@ -372,12 +394,21 @@ def _write_results(out_dir: Path, run: TuningRun, results) -> TuneResult:
     metric, mode = run.metric, run.mode
     max_epochs = int(run.space["max_epochs"])
 
-    trials = summarize_trials(results, metric)
-    rows = results_rows(trials, metric, max_epochs)
+    trials = summarize_trials(results, metric, max_epochs, run.settings.scheduler, saved_trial_states(experiment_dir))
+    rows = results_rows(trials, metric)
     results_csv = experiment_dir / RESULTS_FILE
     write_results_csv(results_csv, rows)
-    if results.num_errors:
-        log.warning("%d of %d trials failed; see %s", results.num_errors, len(results), results_csv)
+    failed = sum(1 for row in rows if row["status"] == STATUS_ERROR)
+    if failed:
+        log.warning("%d of %d trials failed; see %s", failed, len(rows), results_csv)
+    interrupted = sum(1 for row in rows if row["status"] == STATUS_INTERRUPTED)
+    if interrupted:
+        failed_note = f" ({failed} of them failed)" if failed else ""
+        raise TuningInterrupted(
+            f"tuning was interrupted: {len(rows) - interrupted} of {len(rows)} trials finished{failed_note}. "
+            f"No best model was saved, and the trials so far are listed in {results_csv}. "
+            f"Continue the run with: raywaste tune --resume {shlex.quote(str(out_dir))}"
+        )
 
     best = best_checkpoint(results, metric, mode)
     if best is None:
@@ -418,11 +449,11 @@ def _write_results(out_dir: Path, run: TuningRun, results) -> TuneResult:
 
     plots = [experiment_dir / METRIC_PLOT, experiment_dir / HYPERPARAMETER_PLOT]
     plot_metric_by_epoch(trials, metric, plots[0], best_metrics.get("trial_id"), max_epochs)
-    plot_hyperparameters(trials, run.space, metric, plots[1], max_epochs)
+    plot_hyperparameters(trials, run.space, metric, plots[1])
 
     command = f"tensorboard --logdir {experiment_dir}"
     stopped = sum(1 for row in rows if row["stopped_early"])
-    print(f"{len(rows)} trials, {stopped} stopped early, {results.num_errors} failed; table in {results_csv}")
+    print(f"{len(rows)} trials, {stopped} stopped early, {failed} failed; table in {results_csv}")
     print(f"best trial {model_info['trial_id']}: {metric} = {best_metric:.4f} at epoch {model_info['epoch']}, "
           f"config {json.dumps(best_config, default=str)}")
     print(f"best model saved to {best_model}; plots: {', '.join(str(plot) for plot in plots)}")

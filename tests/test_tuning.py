@@ -19,6 +19,7 @@ import pytest
 import raywaste
 from raywaste.dataset import DatasetError
 from raywaste.preprocessing import RunOptions
+from raywaste.tune_results import trial_status
 from raywaste.tuning import TuningError
 
 pytestmark = pytest.mark.slow
@@ -171,7 +172,10 @@ def test_tensorboard_files_per_trial(asha_run):
         }
         epochs = int(read_csv(trial / "progress.csv")[-1]["epoch"])
         assert steps == set(range(1, epochs + 1)), trial
+        # Ray Tune's own TensorBoard logger is off: its files would duplicate the trial's.
+        assert not list(trial.glob("events.out.tfevents.*")), trial
     assert f"tensorboard --logdir {out / 'tune'}" in printed
+    assert "To visualize your results with TensorBoard" not in printed
 
 
 def test_plots_are_drawn(asha_run):
@@ -304,6 +308,15 @@ def wait_for(condition, timeout_s: float, what: str, process: subprocess.Popen, 
         time.sleep(0.5)
 
 
+def driver_environment() -> tuple[str, str, dict[str, str]]:
+    """Return a marker, a temporary folder for Ray and the environment of a driver that starts a Ray of its own."""
+    marker = uuid.uuid4().hex
+    ray_tmp = tempfile.mkdtemp(prefix="rw", dir="/tmp")  # short: Ray's socket paths must stay under 108 bytes
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    env.update({MARKER_VARIABLE: marker, "RAY_TMPDIR": ray_tmp})
+    return marker, ray_tmp, env
+
+
 def trial_states(out: Path) -> dict[str, tuple[str, int]]:
     """Return each trial's status and last reported epoch from Ray Tune's saved experiment state."""
     files = sorted((out / "tune").glob("experiment_state-*.json"))
@@ -321,6 +334,24 @@ def trial_states(out: Path) -> dict[str, tuple[str, int]]:
     return states
 
 
+@pytest.mark.parametrize(
+    "has_error, done, saved_status, expected",
+    [
+        (False, True, "TERMINATED", "ok"),
+        (False, True, "RUNNING", "ok"),  # finished after the last saved state
+        (False, False, "TERMINATED", "ok"),  # finished before an interruption, then resumed
+        (False, False, "RUNNING", "interrupted"),
+        (False, False, "PAUSED", "interrupted"),
+        (False, False, "PENDING", "interrupted"),
+        (False, False, None, "interrupted"),
+        (True, False, "ERROR", "error"),
+        (True, True, "TERMINATED", "error"),
+    ],
+)
+def test_trial_status_cases(has_error, done, saved_status, expected):
+    assert trial_status(has_error, done, saved_status) == expected
+
+
 def test_resume_after_driver_killed(ray_local, taco_sample, taco_maps, tmp_path):
     out = tmp_path / "out"
     raywaste.preprocess(taco_sample, out, task=f"map:{taco_maps / 'map_10.csv'}", size=16)
@@ -329,10 +360,7 @@ def test_resume_after_driver_killed(ray_local, taco_sample, taco_maps, tmp_path)
         "optimization": {"learning_rate": {"choice": [0.003, 0.01]}, "max_epochs": 3, "batch_size": 32},
         "data": {"flip": "none"},
     })
-    marker = uuid.uuid4().hex
-    ray_tmp = tempfile.mkdtemp(prefix="rw", dir="/tmp")  # short: Ray's socket paths must stay under 108 bytes
-    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
-    env.update({MARKER_VARIABLE: marker, "RAY_TMPDIR": ray_tmp})
+    marker, ray_tmp, env = driver_environment()
     command = [sys.executable, "-m", "raywaste", "tune", str(out), "--num-cpus", "2"]
     log = tmp_path / "driver.log"
     try:
@@ -426,3 +454,71 @@ def test_cli_resume_takes_no_tuning_options(binary_out, tmp_path):
     result = runner.invoke(main, ["tune", "--resume", str(empty)])
     assert result.exit_code == 1
     assert f"no tuning run to resume in {empty / 'tune'}" in result.output
+
+
+def test_interrupted_run_saves_no_model(binary_out, tmp_path):
+    """SIGINT (Ctrl-C) to the driver: no model, unfinished trials marked interrupted, then a resume finishes them."""
+    out = linked_out(binary_out, tmp_path / "out")
+    space = write_space(tmp_path / "space.json", {
+        "model": {**TINY_MODEL, "conv_blocks": 1},
+        "optimization": {"learning_rate": {"choice": [0.003, 0.01]}, "batch_size": 32},
+        "data": {"flip": "none"},
+    })
+    marker, ray_tmp, env = driver_environment()
+    command = [sys.executable, "-m", "raywaste", "tune", str(out), "--num-cpus", "2"]
+    log = tmp_path / "driver.log"
+    max_epochs = 6
+
+    def some_trial_reported() -> bool:
+        return any(read_csv(path) for path in (out / "tune").glob("trial_*/progress.csv"))
+
+    try:
+        with log.open("w") as handle:
+            # Three FIFO trials of one CPU on two CPUs: the third waits until another one ends.
+            driver = subprocess.Popen(
+                command + ["--space", str(space), "--scheduler", "fifo", "--num-samples", "3", "--max-epochs", str(max_epochs)],
+                env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+            wait_for(some_trial_reported, timeout_s=600, what="the first reported epoch", process=driver, log=log)
+            driver.send_signal(signal.SIGINT)
+            driver.wait(timeout=120)
+        printed = log.read_text()
+        end_marked_processes(marker)
+
+        assert driver.returncode != 0, printed[-3000:]
+        assert "tuning was interrupted: " in printed
+        assert f"Continue the run with: raywaste tune --resume {out}\n" in printed
+        assert "To visualize your results with TensorBoard" not in printed
+        assert "best model saved" not in printed
+        assert not (out / "best_model.keras").exists()
+        assert not (out / "best_model.json").exists()
+        rows = read_csv(out / "tune" / "results.csv")
+        assert {f"trial_{row['trial_id']}" for row in rows} == {path.name for path in trial_dirs(out)}
+        assert len(rows) == 3
+        interrupted = [row for row in rows if row["status"] == "interrupted"]
+        assert interrupted
+        assert {row["status"] for row in rows} <= {"ok", "interrupted"}
+        assert all(row["stopped_early"] == "False" for row in rows)
+        for row in rows:
+            if row["status"] == "ok":
+                assert row["epochs"] == str(max_epochs)
+        finished = len(rows) - len(interrupted)
+        assert f"tuning was interrupted: {finished} of 3 trials finished." in printed
+
+        resumed = subprocess.run(command + ["--resume"], env=env, capture_output=True, text=True, timeout=900)
+        assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    finally:
+        end_marked_processes(marker)
+        subprocess.run(["rm", "-rf", ray_tmp], check=False)
+
+    assert "To visualize your results with TensorBoard" not in resumed.stdout + resumed.stderr
+    assert "3 trials, 0 stopped early, 0 failed" in resumed.stdout
+    rows = read_csv(out / "tune" / "results.csv")
+    assert len(rows) == 3
+    for row in rows:
+        assert row["status"] == "ok"
+        assert row["epochs"] == str(max_epochs)
+        assert row["stopped_early"] == "False"
+    model_info = json.loads((out / "best_model.json").read_text())
+    assert model_info["trial_id"] in {row["trial_id"] for row in rows}
+    assert (out / "best_model.keras").is_file()
