@@ -27,6 +27,8 @@ from raywaste.tune_settings import DEFAULT_GRACE_PERIOD, METRIC_CHOICES, SCHEDUL
 # Option defaults come from the settings classes that define them.
 _IMAGE = ImageSettings()
 _PREPROCESS = PreprocessSettings()
+# Exit status of a command whose tuning run was interrupted (128 + SIGINT, as shells report Ctrl-C).
+INTERRUPTED_EXIT_STATUS = 130
 _OPTIONS = RunOptions()
 _TUNE = TuneSettings()
 _DOWNLOAD_DEFAULTS = DownloadSettings()
@@ -153,8 +155,14 @@ def _handle_errors(function: Callable) -> Callable:
 
         expected = (AnnotationsError, DatasetError, EvaluationError, PredictionError, PreprocessError, RayAddressError,
                     SearchSpaceError, TaskError, TuningError, SplitError)
+        from raywaste.tuning import TuningInterrupted
+
         try:
             return function(*args, **kwargs)
+        except TuningInterrupted as error:
+            # 130, as for a shell command stopped by Ctrl-C, so that job scripts can tell it apart.
+            click.echo(f"Error: {error}", err=True)
+            sys.exit(INTERRUPTED_EXIT_STATUS)
         except expected as error:
             raise click.ClickException(str(error)) from None
 

@@ -87,7 +87,7 @@ class TuneResult:
     best_config: dict[str, Any]
     best_model: Path
     results_csv: Path
-    trials: list[dict[str, Any]]
+    trials: list[dict[str, Any]] = field(repr=False)
     """The rows of results.csv, best trial first."""
     plots: list[Path] = field(default_factory=list)
     tensorboard_command: str = ""
