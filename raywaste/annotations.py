@@ -133,7 +133,10 @@ def load_annotations(path: str | Path, strict: bool = True) -> Taco:
             document = json.load(handle)
     except FileNotFoundError:
         raise AnnotationsError(f"annotations file not found: {path}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    except UnicodeDecodeError as error:
+        raise AnnotationsError(f"cannot read annotations file {path}: not JSON text ({error.reason} at byte "
+                               f"{error.start}); pass TACO's annotations.json") from error
+    except (OSError, json.JSONDecodeError) as error:
         raise AnnotationsError(f"cannot read annotations file {path}: {error}") from error
     if not isinstance(document, dict):
         raise AnnotationsError(f"{path} is not a COCO annotations file: the top level is not a JSON object")

@@ -175,7 +175,7 @@ def read_examples(
     except OSError as error:
         return [ExampleError("unreadable_file", f"cannot read {path}: {error}")] * len(boxes), PhotoInfo()
     if not data:
-        return [ExampleError("empty_file", f"{path} is empty (0 bytes); download it again")] * len(boxes), PhotoInfo()
+        return [ExampleError("empty_file", f"{path} is empty (0 bytes); download or copy it again")] * len(boxes), PhotoInfo()
 
     try:
         with warnings.catch_warnings():
@@ -189,7 +189,7 @@ def read_examples(
         return [ExampleError("not_an_image", f"{path} is not an image Pillow can read; replace or remove it")] * len(boxes), PhotoInfo()
     except (OSError, SyntaxError, ValueError) as error:
         # Pillow reports truncated and corrupt data as OSError (and a few decoders as SyntaxError).
-        return [ExampleError("corrupt_image", f"{path} cannot be decoded ({error}); download it again")] * len(boxes), PhotoInfo()
+        return [ExampleError("corrupt_image", f"{path} cannot be decoded ({error}); download or copy it again")] * len(boxes), PhotoInfo()
 
 
 def _read_photo(

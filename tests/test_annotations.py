@@ -115,6 +115,10 @@ def test_missing_and_invalid_files(tmp_path):
     broken.write_text("{not json")
     with pytest.raises(AnnotationsError, match="cannot read annotations file"):
         load_annotations(broken)
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(b"\xff\xd8\xff\xe0 a JPEG given by mistake")
+    with pytest.raises(AnnotationsError, match=r"photo.jpg: not JSON text \(invalid start byte at byte 0\)"):
+        load_annotations(photo)
     not_coco = tmp_path / "list.json"
     not_coco.write_text("[]")
     with pytest.raises(AnnotationsError, match="not a COCO annotations file"):
