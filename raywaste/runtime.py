@@ -25,7 +25,7 @@ def _hide_auth_enabled_notice(record: logging.LogRecord) -> bool:
 
 
 class RayAddressError(RuntimeError):
-    """A cluster address is malformed or nothing answers there."""
+    """A cluster address is malformed or nothing listens there."""
 
 
 def check_address(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
@@ -45,7 +45,7 @@ def check_address(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
             pass
     except OSError as error:
         raise RayAddressError(
-            f"no Ray cluster answers at {address} (from --address or RAY_ADDRESS): {error}; start one "
+            f"no Ray cluster responds at {address} (from --address or RAY_ADDRESS): {error}; start one "
             "(cluster/start-ray.sh in a batch job, or 'ray start --head'), or leave the address out for a local Ray"
         ) from None
 
@@ -73,8 +73,8 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         context = ray.init(address=address, logging_level=logging.WARNING)
     else:
         log.info("starting a local Ray with %s CPUs", num_cpus if num_cpus is not None else "all")
-        # Ray notes on every local start that token authentication is on, which needs no action;
-        # its warning when authentication is off still shows.
+        # Ray notes on every local start that token authentication is on, which needs no action.
+        # Its warning when authentication is off still shows.
         auth_logger = logging.getLogger(_AUTH_LOGGER)
         auth_logger.addFilter(_hide_auth_enabled_notice)
         try:

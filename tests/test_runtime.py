@@ -27,7 +27,7 @@ def test_closed_port_names_address():
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     # Nothing listens on the port once the socket is closed.
-    with pytest.raises(RayAddressError, match=f"no Ray cluster answers at 127.0.0.1:{port}"):
+    with pytest.raises(RayAddressError, match=f"no Ray cluster responds at 127.0.0.1:{port}"):
         check_address(f"127.0.0.1:{port}", timeout_s=2)
 
 
