@@ -273,7 +273,12 @@ def tune(context, out, seed, resume, overwrite, address, num_cpus, space, **para
     from raywaste.tuning import tune as run_tune
 
     if resume:
+        from raywaste.tuning import RUN_FILE, TUNE_DIR
+
         _reject_options_with_resume(context, ("space", "seed", "overwrite", *_TUNE_SETTING_NAMES))
+        if not (out / TUNE_DIR / RUN_FILE).is_file():
+            raise click.ClickException(f"no tuning run to resume in {out / TUNE_DIR} ({RUN_FILE} is missing); "
+                                       "start one with 'raywaste tune'")
         with ray_session(address, num_cpus):
             resume_tune(out)
         return
