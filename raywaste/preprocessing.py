@@ -73,10 +73,10 @@ _OWNER_FILE = ".owner.json"
 _UNOWNED_STAGING_AGE_S = 600
 # Automatic task size: about this many tasks per CPU of the cluster, for load balance, with
 # at most MAX_PHOTOS_PER_TASK photos each. A photo takes 15 to 60 ms of CPU (8-12 megapixels,
-# benchmarks/preprocess_speed.py), and Ray Data's driver spends about 50 ms per task, so
-# tasks of 32 photos keep that overhead to a few percent.
+# benchmarks/preprocess_speed.py), and on a quiet 2-CPU machine a Ray worker idled about
+# 0.2 s between two tasks (tasks.jsonl), so tasks of up to 128 photos keep that near 10%.
 TASKS_PER_CPU = 4
-MAX_PHOTOS_PER_TASK = 32
+MAX_PHOTOS_PER_TASK = 128
 
 
 class PreprocessError(RuntimeError):
