@@ -151,6 +151,7 @@ def tune(
     infos, space = select_datasets(out_dir, space)
     check_combination(settings, space)
     check_model_fits(space, infos)
+    check_splits(infos)
     first = next(iter(infos.values()))
     metric, mode = resolve_metric(settings.metric, first.is_binary)
     param_space = space.to_param_space(settings.search)
@@ -292,6 +293,27 @@ def select_datasets(out_dir: Path, space: SearchSpace) -> tuple[dict[str, Datase
 
 def _describe(infos: list[DatasetInfo]) -> str:
     return ", ".join(f"{info.data_dir.name} ({info.image_size} px, {info.color_mode})" for info in infos)
+
+
+def check_splits(infos: dict[str, DatasetInfo]) -> None:
+    """Reject datasets whose train or val split cannot train or rank trials.
+
+    A binary task needs positive examples in both: without them in val, the average
+    precision and F1 that rank the trials are 0 for every trial, and the search is blind.
+    """
+    for info in infos.values():
+        counts = info.raw.get("counts", {})
+        totals = {split: int(counts.get(split, {}).get("total", 0)) for split in ("train", "val")}
+        if not all(totals.values()):
+            raise TuningError(f"{info.data_dir}: the train and val splits need examples (train {totals['train']}, "
+                              f"val {totals['val']}); preprocess again with other --split fractions")
+        if info.is_binary:
+            positive = info.class_names[1]
+            missing = [split for split in ("train", "val") if not counts[split].get("per_class", {}).get(positive)]
+            if missing:
+                raise TuningError(f"{info.data_dir}: the {' and '.join(missing)} split(s) have no {positive!r} example, so "
+                                  "trials cannot be trained or ranked; preprocess again with a larger val fraction "
+                                  "(--split) or with more photos")
 
 
 def check_model_fits(space: SearchSpace, infos: dict[str, DatasetInfo]) -> None:

@@ -240,6 +240,14 @@ def test_missing_dataset_is_named(binary_out):
     assert "--image-size 64 --color-mode rgb --dataset-name data-64-rgb" in message
 
 
+def test_val_without_positives_rejected(ray_local, taco_sample, tmp_path):
+    # With 1% of the sample's 102 photos in val, its only val photo shows no bottle.
+    raywaste.preprocess(taco_sample, tmp_path, task="binary:Bottle", size=16, fractions="0.98,0.01,0.01")
+    with pytest.raises(TuningError, match="the val split.s. have no 'Bottle' example"):
+        raywaste.tune(tmp_path, num_samples=1, max_epochs=1)
+    assert not (tmp_path / "tune").exists()
+
+
 def test_too_many_blocks_for_images(binary_out):
     with pytest.raises(TuningError, match="model.conv_blocks up to 5 shrinks the 16x16 images below one pixel"):
         raywaste.tune(binary_out, search_space={"model": {"conv_blocks": {"choice": [1, 5]}}}, overwrite=True)
