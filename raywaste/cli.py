@@ -199,17 +199,16 @@ def _check_tune_inputs(out: Path, settings: TuneSettings, space: Path | None, ov
     """Check the search space, the settings and OUT/tune before Ray starts, so that mistakes show at once."""
     from raywaste.search_space import default_search_space, load_search_space
     from raywaste.tune_settings import check_combination
-    from raywaste.tuning import TUNE_DIR
+    from raywaste.tuning import TUNE_DIR, check_new_experiment
 
     check_combination(settings, settings.apply_to(load_search_space(space) if space else default_search_space()))
     experiment_dir = out.resolve() / TUNE_DIR
-    if experiment_dir.exists() and not overwrite:
-        if command == "run":
-            raise click.ClickException(
-                f"{experiment_dir} already exists; continue that tuning run with 'raywaste tune --resume {out}' and then "
-                f"'raywaste evaluate {out}', or pass --overwrite to run everything again (the dataset is rebuilt too)")
-        raise click.ClickException(f"{experiment_dir} already exists; pass --resume to continue that run, "
-                                   "or --overwrite to start a new one there")
+    if command == "run" and experiment_dir.exists() and not overwrite:
+        # run has no --resume, so its advice names the commands that continue there.
+        raise click.ClickException(
+            f"{experiment_dir} already exists; continue that tuning run with 'raywaste tune --resume {out}' and then "
+            f"'raywaste evaluate {out}', or pass --overwrite to run everything again (the dataset is rebuilt too)")
+    check_new_experiment(out, overwrite)
 
 
 def _reject_options_with_resume(context: click.Context, names: tuple[str, ...]) -> None:
@@ -273,12 +272,10 @@ def tune(context, out, seed, resume, overwrite, address, num_cpus, space, **para
     from raywaste.tuning import tune as run_tune
 
     if resume:
-        from raywaste.tuning import RUN_FILE, TUNE_DIR
+        from raywaste.tuning import check_resumable
 
         _reject_options_with_resume(context, ("space", "seed", "overwrite", *_TUNE_SETTING_NAMES))
-        if not (out / TUNE_DIR / RUN_FILE).is_file():
-            raise click.ClickException(f"no tuning run to resume in {out / TUNE_DIR} ({RUN_FILE} is missing); "
-                                       "start one with 'raywaste tune'")
+        check_resumable(out)
         with ray_session(address, num_cpus):
             resume_tune(out)
         return

@@ -52,6 +52,14 @@ SCHEMA = pa.schema(
 )
 
 
+def manifest_annotations_sha256(data_dir: Path) -> str | None:
+    """Return the checksum of the annotations a dataset was made from, from its manifest; None if unreadable."""
+    try:
+        return json.loads((data_dir / MANIFEST_FILE).read_text()).get("annotations_sha256")
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
 class DatasetError(ValueError):
     """A preprocessed dataset that is missing or does not fit the request."""
 

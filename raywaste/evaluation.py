@@ -24,7 +24,15 @@ from typing import Any
 import numpy as np
 
 from raywaste.baselines import DenseBaselineSettings, dense_baseline_probabilities, majority_class, majority_probabilities
-from raywaste.dataset import DEFAULT_DATA_DIR, MANIFEST_FILE, DatasetInfo, load_dataset_info, load_split_arrays, read_split_table, table_to_arrays
+from raywaste.dataset import (
+    DEFAULT_DATA_DIR,
+    DatasetInfo,
+    load_dataset_info,
+    load_split_arrays,
+    manifest_annotations_sha256,
+    read_split_table,
+    table_to_arrays,
+)
 from raywaste.metrics import average_precision, best_f1_threshold, classification_report, format_report, precision_recall_curve
 from raywaste.plots import Curve, Tile, plot_class_scores, plot_image_grid, plot_precision_recall
 from raywaste.tuning import BEST_MODEL, BEST_MODEL_INFO
@@ -355,13 +363,8 @@ def dataset_changes(model_info: dict, info: DatasetInfo) -> list[str]:
     current = info.raw.get("settings") or {}
     changes += [f"settings.{key}" for key in sorted(set(tuned_on) | set(current)) if tuned_on.get(key) != current.get(key)]
     recorded = model_info.get("annotations_sha256")
-    if recorded:
-        try:
-            now = json.loads((info.data_dir / MANIFEST_FILE).read_text()).get("annotations_sha256")
-        except (OSError, json.JSONDecodeError):
-            now = None
-        if now != recorded:
-            changes.append("annotations")
+    if recorded and manifest_annotations_sha256(info.data_dir) != recorded:
+        changes.append("annotations")
     return changes
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from raywaste import __version__
-from raywaste.dataset import MANIFEST_FILE, DatasetError, DatasetInfo, find_datasets, load_dataset_info, load_split_arrays
+from raywaste.dataset import DatasetError, DatasetInfo, find_datasets, load_dataset_info, load_split_arrays, manifest_annotations_sha256
 from raywaste.model import BACKBONE_MIN_SIZE
 from raywaste.search_space import (
     PARAMETERS,
@@ -157,10 +157,8 @@ def tune(
     param_space = space.to_param_space(settings.search)
     param_space.update(seed=settings.seed, checkpoint_every=settings.checkpoint_every)
     check_resources(settings)
+    check_new_experiment(out_dir, overwrite)
     if experiment_dir.exists():
-        if not overwrite:
-            raise TuningError(f"{experiment_dir} already exists; pass --resume to continue that run, "
-                              "or --overwrite to start a new one there")
         shutil.rmtree(experiment_dir)
 
     # 2. The run's record, and the data in the object store.
@@ -206,15 +204,14 @@ def resume(out_dir: str | Path) -> TuneResult:
     out_dir = Path(out_dir).resolve()
     experiment_dir = out_dir / TUNE_DIR
     run_file = experiment_dir / RUN_FILE
-    if not run_file.is_file() or not ray_tune.Tuner.can_restore(str(experiment_dir)):
-        raise TuningError(f"no tuning run to resume in {experiment_dir} ({RUN_FILE} or Ray Tune's experiment state is missing); "
-                          "start one with 'raywaste tune'")
+    check_resumable(out_dir)
     try:
         run = TuningRun.from_json(json.loads(run_file.read_text()), source=str(run_file))
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
         raise TuningError(f"cannot read {run_file}: {error}") from error
 
     infos = {key: load_dataset_info(out_dir / folder) for key, folder in run.datasets.items()}
+    check_splits(infos)
     check_resources(run.settings)
     trainable = _trainable(_load_trial_data(infos), run.settings)
 
@@ -223,6 +220,24 @@ def resume(out_dir: str | Path) -> TuneResult:
     tuner = ray_tune.Tuner.restore(str(experiment_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
     results = tuner.fit()
     return _write_results(out_dir, run, results)
+
+
+def check_new_experiment(out_dir: str | Path, overwrite: bool) -> None:
+    """Raise TuningError when ``OUT/tune`` contains a run and overwrite is False (use --resume or --overwrite)."""
+    experiment_dir = Path(out_dir).resolve() / TUNE_DIR
+    if experiment_dir.exists() and not overwrite:
+        raise TuningError(f"{experiment_dir} already exists; pass --resume to continue that run, "
+                          "or --overwrite to start a new one there")
+
+
+def check_resumable(out_dir: str | Path) -> None:
+    """Raise TuningError unless ``OUT/tune`` contains a run that :func:`resume` can continue; needs no running Ray."""
+    from ray import tune as ray_tune
+
+    experiment_dir = Path(out_dir).resolve() / TUNE_DIR
+    if not (experiment_dir / RUN_FILE).is_file() or not ray_tune.Tuner.can_restore(str(experiment_dir)):
+        raise TuningError(f"no tuning run to resume in {experiment_dir} ({RUN_FILE} or Ray Tune's experiment state is missing); "
+                          "start one with 'raywaste tune'")
 
 
 def trial_dirname(trial) -> str:
@@ -357,8 +372,6 @@ def _load_trial_data(infos: dict[str, DatasetInfo]) -> dict[str, TrialData]:
     for key, info in infos.items():
         train_images, train_labels = load_split_arrays(info.data_dir, "train")
         val_images, val_labels = load_split_arrays(info.data_dir, "val")
-        if len(train_labels) == 0 or len(val_labels) == 0:
-            raise TuningError(f"{info.data_dir}: the train and val splits need examples (train {len(train_labels)}, val {len(val_labels)})")
         data[key] = TrialData(train_images, train_labels, val_images, val_labels, info.class_names, info.is_binary)
         log.info("dataset %s: %d train and %d val examples of %s", info.data_dir, len(train_labels), len(val_labels), info.input_shape)
     return data
@@ -371,14 +384,6 @@ def _trainable(data: dict[str, TrialData], settings: TuneSettings):
         ray_tune.with_parameters(train_trial, datasets=data),
         {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial},
     )
-
-
-def _annotations_sha256(data_dir: Path) -> str | None:
-    """Return the checksum of the annotations a dataset was made from, from its manifest."""
-    try:
-        return json.loads((data_dir / MANIFEST_FILE).read_text()).get("annotations_sha256")
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 def _set_tune_environment() -> None:
@@ -455,7 +460,7 @@ def _write_results(out_dir: Path, run: TuningRun, results) -> TuneResult:
         "color_mode": info.color_mode,
         "data_dir": folder,
         "dataset": info.raw.get("settings"),
-        "annotations_sha256": _annotations_sha256(out_dir / folder),
+        "annotations_sha256": manifest_annotations_sha256(out_dir / folder),
         "config": best_config,
         "metric": metric,
         "mode": mode,
